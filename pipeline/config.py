@@ -1,0 +1,311 @@
+"""Run configuration: one documented dataclass per stage, loaded from YAML and `--set`.
+
+Every field carries its meaning, unit and default in `metadata["help"]`; fields with a
+closed set of values carry `metadata["choices"]` (a tuple, or the name of a registry that
+is looked up lazily so this module imports nothing heavy). `eqlen run --help-config`
+prints the table built from this metadata, and the README's table is generated from it.
+
+Overrides use dotted keys (`generate.rounds=4`); values are parsed as YAML scalars or
+flow sequences (`score.reward_funcs=[exact_match,mymod:fn]`). An unknown key or a value
+of the wrong type fails with a message that lists the valid keys or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or `--set` override that cannot be used; the message says why."""
+
+
+def _f(default: Any, help: str, choices: tuple | str | None = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DataConfig:
+    prompts: str = _f("demo", "Prompt dataset: `demo` (built-in reverse-the-digits task), or a "
+                      "path to a .parquet/.jsonl/.json file or folder of Parquet files.")
+    prompt_column: str = _f("prompt", "Column holding the prompt text.")
+    id_column: str = _f("prompt_id", "Column holding a unique prompt id; generated from the row "
+                        "number when the dataset has no such column.")
+    prompts_per_iteration: int = _f(32, "Prompts drawn per iteration (cycling through the "
+                                    "shuffled dataset).")
+    max_prompt_tokens: int = _f(64, "Longest prompt accepted, in tokens; longer prompts are an "
+                                "error naming the row.")
+    demo_size: int = _f(4096, "Number of prompts of the built-in demo task.")
+
+
+@dataclass
+class GenerateConfig:
+    engine: str = _f("hf", "Rollout engine.", choices="engines")
+    group_size: int = _f(8, "Tracks per prompt (G), even: G/2 pairs.")
+    rounds: int = _f(1, "Rounds per pair (K): how often an ended track's slot may be refilled "
+                     "by a track inheriting the survivor's prefix. 1 = independent pairs.")
+    max_new_tokens: int = _f(16, "Token budget of a whole response (T), EOS included.")
+    temperature: float = _f(1.0, "Sampling temperature; recorded log-probs are of the "
+                            "temperature-scaled distribution, as the update recomputes them.")
+    top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off).")
+    top_k: int = _f(0, "Top-k sampling (0 = off).")
+    batch_tracks: int = _f(512, "Most tracks decoded in one lock-step batch.")
+    device: str = _f("auto", "Device for the hf engine: auto, cpu, cuda.")
+
+
+@dataclass
+class ScoreConfig:
+    reward_funcs: list[str] = _f(["exact_match"], "Reward functions: built-in names or "
+                                 "`module:function` with the TRL contract "
+                                 "`(completions, **columns) -> list[float]`.")
+    reward_weights: list[float] = _f([], "Weight per reward function (empty = all 1.0); "
+                                     "`reward` is the weighted sum.")
+    correct_threshold: float = _f(1.0, "A response counts as correct in length diagnostics when "
+                                  "its reward is at least this.")
+
+
+@dataclass
+class PairConfig:
+    strategy: str = _f("group", "How comparison units are built.", choices="strategies")
+    scale_rewards: str = _f("group", "Default advantage scaling: `group` divides by the std of "
+                            "the prompt's rewards, `none` leaves raw differences.",
+                            choices=("group", "none"))
+    eps: float = _f(1e-4, "Added to the std before dividing.")
+
+
+@dataclass
+class UpdateConfig:
+    algorithm: str = _f("grpo", "Policy-gradient objective.", choices="algorithms")
+    loss_agg: str = _f("seq_mean_token_mean", "How token losses are aggregated.",
+                       choices="loss_aggs")
+    lr: float = _f(2e-3, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    epochs: int = _f(1, "Passes over the units per update stage.")
+    minibatches: int = _f(1, "Optimizer steps per epoch (the units are split evenly).")
+    micro_batch_size: int = _f(64, "Sequences per forward/backward (gradient accumulation).")
+    clip_low: float = _f(0.2, "Lower clip range: ratio >= 1 - clip_low.")
+    clip_high: float = _f(0.2, "Upper clip range: ratio <= 1 + clip_high (clip-higher when > "
+                          "clip_low).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm (0 = off).")
+    device: str = _f("auto", "auto, cpu or cuda.")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "Seed of prompt order, sampling and training.")
+    iterations: int = _f(8, "Online iterations of generate -> score -> pair -> update.")
+    model: str = _f("demo", "Initial policy: `demo` (the shipped tiny model) or a local "
+                    "Hugging Face model folder.")
+    cache_dir: str = _f("", "Where stage outputs live, one folder per cache key; empty = "
+                        "RUN_DIR/cache. Point several runs at one folder to share stages.")
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+
+
+SECTIONS = ("data", "generate", "score", "pair", "update")
+
+
+def _registry_choices(name: str) -> tuple[str, ...]:
+    # Lazy: the registries live with the stages, which import torch.
+    if name == "engines":
+        from stages.generate import ENGINES as reg
+    elif name == "strategies":
+        from stages.pair import STRATEGIES as reg
+    elif name == "algorithms":
+        from stages.update import ALGORITHMS as reg
+    elif name == "loss_aggs":
+        from stages.update import LOSS_AGGS as reg
+    else:  # pragma: no cover - a typo in this module
+        raise KeyError(name)
+    return tuple(reg.names())
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    c = f.metadata.get("choices")
+    return _registry_choices(c) if isinstance(c, str) else c
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _set(obj: Any, key: str, value: Any, prefix: str = "") -> None:
+    head, _, rest = key.partition(".")
+    fields = _fields(obj)
+    full = f"{prefix}{head}"
+    if head not in fields:
+        where = f"in '{prefix[:-1]}'" if prefix else "at the top level"
+        raise ConfigError(f"unknown config key '{full}'; valid keys {where}: "
+                          + ", ".join(sorted(fields)))
+    f = fields[head]
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            return _set(current, rest, value, prefix=f"{full}.")
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{full}' is a section; set one of its keys: "
+                              + ", ".join(sorted(_fields(current))))
+        for k, v in value.items():
+            _set(current, str(k), v, prefix=f"{full}.")
+        return
+    if rest:
+        raise ConfigError(f"'{full}' is not a section; it has no key '{rest}'")
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, head, _coerce(value, hints[head], full))
+
+
+def validate(cfg: Config) -> Config:
+    """Check every closed-choice field and the numeric ranges the stages rely on."""
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+                continue
+            ch = choices_of(f)
+            if ch is not None and v not in ch:
+                raise ConfigError(f"{prefix}{f.name}: invalid value {v!r}; valid values: "
+                                  + ", ".join(ch))
+
+    walk(cfg, "")
+    g = cfg.generate
+    checks = [
+        (g.group_size >= 2 and g.group_size % 2 == 0, "generate.group_size must be even and >= 2"),
+        (g.rounds >= 1, "generate.rounds must be >= 1"),
+        (g.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
+        (g.temperature > 0, "generate.temperature must be > 0 (greedy decoding gives no "
+                            "group-relative signal)"),
+        (0 < g.top_p <= 1, "generate.top_p must be in (0, 1]"),
+        (g.batch_tracks >= g.group_size, "generate.batch_tracks must be >= generate.group_size"),
+        (cfg.iterations >= 1, "iterations must be >= 1"),
+        (cfg.data.prompts_per_iteration >= 1, "data.prompts_per_iteration must be >= 1"),
+        (cfg.update.epochs >= 1 and cfg.update.minibatches >= 1 and cfg.update.micro_batch_size >= 1,
+         "update.epochs, update.minibatches and update.micro_batch_size must be >= 1"),
+        (cfg.update.lr > 0, "update.lr must be > 0"),
+        (not cfg.score.reward_weights or len(cfg.score.reward_weights) == len(cfg.score.reward_funcs),
+         "score.reward_weights must be empty or have one weight per entry of score.reward_funcs"),
+        (len(cfg.score.reward_funcs) >= 1, "score.reward_funcs must name at least one function"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply(cfg: Config, data: dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:
+    for k, v in (data or {}).items():
+        _set(cfg, str(k), v)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def load(path: str | Path | None = None, overrides: list[str] = (),
+         base: dict[str, Any] | None = None) -> Config:
+    """Build a Config: defaults, then `base` (a recorded config), then the YAML file, then --set."""
+    cfg = Config()
+    for k, v in (base or {}).items():
+        _set(cfg, k, v)
+    data = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    try:
+        return apply(cfg, data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path and data is not None else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every config key, for --help-config and the README."""
+    rows = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+                continue
+            ch = choices_of(f)
+            help_ = f.metadata.get("help", "") + (f" One of: {', '.join(ch)}." if ch else "")
+            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            rows.append((f"{prefix}{f.name}", tp, repr(v), help_))
+
+    walk(Config(), "")
+    return rows

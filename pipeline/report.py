@@ -1,0 +1,97 @@
+"""What a run holds, for people (tables) and for scripts (`eqlen show --json`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import cache
+from pipeline.runner import STAGE_NAMES, RunError, RunRecord
+
+console = Console(highlight=False)
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def show_data(run_dir: str | Path) -> dict:
+    """The `eqlen show --json` object (DESIGN.md section 5)."""
+    rec = RunRecord(run_dir)
+    if not rec.path.is_file():
+        raise RunError(f"{rec.run_dir} is not a run directory (no run.json); start one with "
+                       f"`eqlen run --run-dir {rec.run_dir}`")
+    data = rec.load()
+    out = {"run_dir": str(rec.run_dir), "iterations": []}
+    for it in data["iterations"]:
+        stages = {}
+        for name in STAGE_NAMES:
+            e = it["stages"].get(name)
+            if e is None:
+                continue
+            manifest = cache.lookup(Path(e["path"]))
+            stages[name] = {
+                "key": e["key"], "path": e["path"], "cached": e["cached"],
+                "rows": manifest["rows"] if manifest else None,
+                "metrics": manifest["metrics"] if manifest else {},
+                "seconds": e["seconds"],
+                "present": manifest is not None,
+            }
+        out["iterations"].append({"index": it["index"], "stages": stages})
+    return out
+
+
+def row_of(stages: dict) -> dict:
+    def m(stage, key):
+        return (stages.get(stage) or {}).get("metrics", {}).get(key)
+    return {
+        "reward": m("score", "reward_mean"), "accuracy": m("score", "accuracy"),
+        "len_correct": m("score", "mean_len_correct"),
+        "len_incorrect": m("score", "mean_len_incorrect"),
+        "units": m("pair", "units"), "eff": m("pair", "effective_token_ratio"),
+        "seconds": sum((s.get("seconds") or 0.0) for s in stages.values()),
+        "cached": sum(bool(s.get("cached")) for s in stages.values()),
+    }
+
+
+def iteration_line(i: int, results: dict) -> None:
+    stages = {k: {"metrics": v.metrics, "seconds": v.seconds, "cached": v.cached}
+              for k, v in results.items()}
+    r = row_of(stages)
+    console.print(f"[bold]iteration {i}[/]  reward {_fmt(r['reward'])}  "
+                  f"len(correct) {_fmt(r['len_correct'], '.2f')}  "
+                  f"len(incorrect) {_fmt(r['len_incorrect'], '.2f')}  "
+                  f"time {r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}")
+
+
+def print_summary(run_dir: str | Path) -> None:
+    data = show_data(run_dir)
+    t = Table(title=f"EqLen run {data['run_dir']}")
+    for col in ("iter", "mean reward", "accuracy", "len correct", "len incorrect", "units",
+                "eff. token ratio", "time (s)", "cached"):
+        t.add_column(col, justify="right")
+    for it in data["iterations"]:
+        r = row_of(it["stages"])
+        t.add_row(str(it["index"]), _fmt(r["reward"]), _fmt(r["accuracy"]),
+                  _fmt(r["len_correct"], ".2f"), _fmt(r["len_incorrect"], ".2f"),
+                  _fmt(r["units"], "d"), _fmt(r["eff"]), f"{r['seconds']:.1f}",
+                  f"{r['cached']}/{len(it['stages'])}")
+    console.print(t)
+
+
+def print_show(run_dir: str | Path, as_json: bool) -> None:
+    data = show_data(run_dir)
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    print_summary(run_dir)
+    for it in data["iterations"]:
+        for name, s in it["stages"].items():
+            state = "cached" if s["cached"] else "ran"
+            if not s["present"]:
+                state = "MISSING (rerun it)"
+            console.print(f"  it{it['index']} {name:<8} {s['key']}  rows {s['rows']}  {state}  "
+                          f"{s['path']}")

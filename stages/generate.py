@@ -1,0 +1,148 @@
+"""Stage 1, generate: sample rollouts from the current policy.
+
+Reads the prompt dataset and the policy folder, takes this iteration's prompts (a seeded
+shuffle of the dataset, `data.prompts_per_iteration` at a time, cycling), and samples
+`generate.group_size` tracks per prompt, organised as pairs, with the engine named by
+`generate.engine`. With `generate.rounds > 1` the pairs use prefix inheritance (see
+`stages/hf_engine.py` and DESIGN.md section 2); with `rounds = 1` a pair is just two
+independent samples, so the group strategy sees an ordinary GRPO group.
+
+Writes `rollouts.parquet`, one row per completed track (schema `rollouts`): token ids,
+sampling log-probs, finish reason and the lineage columns `pair_id`, `track_id`,
+`parent_track_id`, `birth_round`, `own_start`. Prompt columns other than the prompt text
+(e.g. `answer`) are carried through for reward functions.
+
+Departure from the paper: none in the sampling itself; the recorded log-probs are of the
+temperature-scaled distribution before top-p/top-k filtering (as TRL recomputes them).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import schemas
+from pipeline.config import Config
+from pipeline.models import load_policy, resolve_device
+from pipeline.registry import Registry
+from stages import hf_engine
+
+NAME, VERSION = "generate", 1
+INPUTS = ("prompts", "policy")
+CODE_DEPS = (hf_engine.__file__,)
+ENGINES: Registry = Registry("rollout engine", "generate.engine")
+
+
+def implementation(cfg: Config) -> str:
+    return f"generate.{cfg.generate.engine}"
+
+
+def key_config(cfg: Config, iteration: int) -> dict:
+    g = {k: v for k, v in vars(cfg.generate).items() if k not in ("batch_tracks", "device")}
+    return {"generate": g, "seed": cfg.seed, "iteration": iteration,
+            "prompts_per_iteration": cfg.data.prompts_per_iteration,
+            "max_prompt_tokens": cfg.data.max_prompt_tokens}
+
+
+def select_prompts(table: pa.Table, n: int, iteration: int, seed: int) -> pa.Table:
+    """This iteration's prompts: positions [i*n, (i+1)*n) of a seeded shuffle, cycling."""
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    take = order[(np.arange(n) + iteration * n) % table.num_rows]
+    return table.take(pa.array(take))
+
+
+@ENGINES.register("hf")
+def hf_generate(policy_dir: Path, prompt_ids: list[list[int]], cfg: Config, ctx, *,
+                tokenizer) -> tuple[list[hf_engine.Track], dict]:
+    g = cfg.generate
+    device = resolve_device(g.device)
+    model = load_policy(policy_dir, device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
+    if device.type == "cuda":
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
+    per_chunk = max(1, g.batch_tracks // g.group_size)
+    tracks, totals = [], hf_engine.Stats()
+    for start in range(0, len(prompt_ids), per_chunk):
+        chunk = prompt_ids[start:start + per_chunk]
+        got, st = hf_engine.sample_tracks(
+            model, chunk, group_size=g.group_size, rounds=g.rounds,
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+            top_k=g.top_k, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            generator=gen, first_track_id=len(tracks),
+            first_pair_id=start * g.group_size // 2)
+        for t in got:
+            t.prompt_index += start
+        tracks += got
+        for k, v in vars(st).items():
+            setattr(totals, k, getattr(totals, k) + v)
+        ctx.log(f"  generate: {min(start + per_chunk, len(prompt_ids))}/{len(prompt_ids)} prompts, "
+                f"{len(tracks)} tracks")
+    return tracks, vars(totals)
+
+
+def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
+    from pipeline.models import load_tokenizer
+
+    prompts_file = inputs["prompts"] / "prompts.parquet"
+    prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
+    batch = select_prompts(prompts, cfg.data.prompts_per_iteration, ctx.iteration, cfg.seed)
+    tokenizer = load_tokenizer(inputs["policy"])
+    texts = batch.column("prompt").to_pylist()
+    prompt_ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > cfg.data.max_prompt_tokens:
+            pid = batch.column("prompt_id")[i].as_py()
+            raise schemas.SchemaError(
+                f"file {prompts_file}, column 'prompt', prompt_id {pid!r}: {len(ids)} tokens, more "
+                f"than data.max_prompt_tokens={cfg.data.max_prompt_tokens}. Shorten the prompt or "
+                "raise data.max_prompt_tokens.")
+        if not ids:
+            pid = batch.column("prompt_id")[i].as_py()
+            raise schemas.SchemaError(f"file {prompts_file}, column 'prompt', prompt_id {pid!r}: "
+                                      "the prompt tokenizes to nothing. Give it some text.")
+
+    t0 = time.perf_counter()
+    engine = ENGINES.get(cfg.generate.engine)
+    tracks, stats = engine(inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer)
+    seconds = time.perf_counter() - t0
+    tracks.sort(key=lambda t: t.track_id)
+
+    idx = pa.array([t.prompt_index for t in tracks])
+    table = batch.take(idx)
+    cols = {
+        "iteration": pa.array([ctx.iteration] * len(tracks), pa.int32()),
+        "prompt_ids": pa.array([prompt_ids[t.prompt_index] for t in tracks], pa.list_(pa.int32())),
+        "pair_id": pa.array([t.pair_id for t in tracks], pa.int64()),
+        "track_id": pa.array([t.track_id for t in tracks], pa.int64()),
+        "parent_track_id": pa.array([t.parent_track_id for t in tracks], pa.int64()),
+        "birth_round": pa.array([t.birth_round for t in tracks], pa.int32()),
+        "own_start": pa.array([t.own_start for t in tracks], pa.int32()),
+        "response_ids": pa.array([t.response_ids for t in tracks], pa.list_(pa.int32())),
+        "logprobs": pa.array([t.logprobs for t in tracks], pa.list_(pa.float32())),
+        "finish_reason": pa.array([t.finish_reason for t in tracks], pa.string()),
+        "response": pa.array(tokenizer.batch_decode([t.response_ids for t in tracks],
+                                                    skip_special_tokens=True), pa.string()),
+    }
+    for name, arr in cols.items():
+        table = table.append_column(name, arr)
+    table = schemas.validate(table, schemas.ROLLOUTS, out_dir / "rollouts.parquet")
+    pq.write_table(table, out_dir / "rollouts.parquet")
+
+    lens = np.array([len(t.response_ids) for t in tracks])
+    metrics = {
+        "prompts": len(prompt_ids),
+        "tracks": len(tracks),
+        "tokens_generated": int(stats["generated_tokens"]),
+        "mean_response_len": float(lens.mean()),
+        "eos_fraction": float(np.mean([t.finish_reason == "eos" for t in tracks])),
+        "prefill_tokens": int(stats["prefill_tokens"]),
+        "inherited_tokens": int(stats["inherited_tokens"]),
+        "kv_copies": int(stats["kv_copies"]),
+        "tokens_per_s": float(stats["generated_tokens"] / max(seconds, 1e-9)),
+    }
+    return {"rows": len(tracks), "metrics": metrics}

@@ -1,0 +1,116 @@
+"""Stage 3, pair: build comparison units from scored rollouts.
+
+A comparison unit is the set of segments whose rewards are compared with each other. The
+strategy (`pair.strategy`, a registry) decides what they are:
+
+- `group`: the ordinary GRPO group — one unit per prompt whose members are its round-0
+  tracks, whole responses of unequal length. Default advantage: GRPO's
+  (R - mean) / (std + eps) over the group (`std` unbiased, as TRL and verl compute it;
+  `pair.scale_rewards=none` leaves R - mean).
+
+Every strategy writes one row per unit member (schema `units`), self-contained: context
+ids, segment ids, old log-probs, loss mask, reward, default advantage, lengths. So a units
+dataset can be trained on, inspected or reused without the rollouts it came from, and
+swapping the strategy changes no schema (DESIGN.md invariant 4).
+
+Metrics: `units`, `tokens_in_units` (loss-mask tokens), `tokens_generated` (tracks' own
+tokens), `effective_token_ratio` (their quotient) and `zero_signal_units` (units whose
+members all have equal rewards: kept, counted, they carry no gradient).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from pipeline.config import Config
+from pipeline.registry import Registry
+
+NAME, VERSION = "pair", 1
+INPUTS = ("scored",)
+STRATEGIES: Registry = Registry("pair strategy", "pair.strategy")
+
+
+def implementation(cfg: Config) -> str:
+    return f"pair.{cfg.pair.strategy}"
+
+
+def key_config(cfg: Config, iteration: int) -> dict:
+    return {"pair": vars(cfg.pair)}
+
+
+def group_advantages(rewards: np.ndarray, scale: str, eps: float) -> np.ndarray:
+    """GRPO: A_i = (R_i - mean(R)) / (std(R) + eps), std unbiased; scale='none' skips /std."""
+    centred = rewards - rewards.mean()
+    if scale == "none" or len(rewards) < 2:
+        return centred
+    return centred / (rewards.std(ddof=1) + eps)
+
+
+def member(unit_id: int, strategy: str, rnd: int, idx: int, size: int, row: dict, offset: int,
+           length: int, reward: float, advantage: float) -> dict:
+    """One units row: the segment response_ids[offset:offset+length] of the track in `row`."""
+    resp = row["response_ids"]
+    return {
+        "unit_id": unit_id, "prompt_id": row["prompt_id"], "strategy": strategy,
+        "track_id": row["track_id"], "round": rnd, "member": idx, "unit_size": size,
+        "offset": offset, "segment_len": length,
+        "context_ids": list(row["prompt_ids"]) + list(resp[:offset]),
+        "segment_ids": list(resp[offset:offset + length]),
+        "old_logprobs": list(row["logprobs"][offset:offset + length]),
+        "loss_mask": [True] * length,
+        "reward": float(reward), "advantage": float(advantage),
+        "response_len": len(resp), "finish_reason": row["finish_reason"],
+    }
+
+
+@STRATEGIES.register("group")
+def group_units(rows: list[dict], cfg: Config) -> list[dict]:
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["birth_round"] == 0:
+            by_prompt.setdefault(r["prompt_id"], []).append(r)
+    out = []
+    for unit_id, (_, members) in enumerate(sorted(by_prompt.items())):
+        members.sort(key=lambda r: r["track_id"])
+        rewards = np.array([m["reward"] for m in members])
+        adv = group_advantages(rewards, cfg.pair.scale_rewards, cfg.pair.eps)
+        for i, (m, a) in enumerate(zip(members, adv)):
+            out.append(member(unit_id, "group", 0, i, len(members), m, 0,
+                              len(m["response_ids"]), m["reward"], a))
+    return out
+
+
+def summarize(units: list[dict], rows: list[dict]) -> dict:
+    tokens_generated = sum(len(r["response_ids"]) - r["own_start"] for r in rows)
+    tokens_in_units = sum(sum(u["loss_mask"]) for u in units)
+    rewards_by_unit: dict[int, set] = {}
+    for u in units:
+        rewards_by_unit.setdefault(u["unit_id"], set()).add(u["reward"])
+    return {
+        "units": len(rewards_by_unit),
+        "members": len(units),
+        "tokens_in_units": int(tokens_in_units),
+        "tokens_generated": int(tokens_generated),
+        "effective_token_ratio": tokens_in_units / tokens_generated if tokens_generated else 0.0,
+        "zero_signal_units": sum(len(s) == 1 for s in rewards_by_unit.values()),
+    }
+
+
+def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
+    path = inputs["scored"] / "scored.parquet"
+    table = schemas.validate(pq.read_table(path), schemas.SCORED, path)
+    rows = table.select([c.name for c in schemas.SCORED.columns]).to_pylist()
+    units = STRATEGIES.get(cfg.pair.strategy)(rows, cfg)
+    out_path = out_dir / "units.parquet"
+    if not units:
+        raise schemas.SchemaError(f"file {path}: strategy {cfg.pair.strategy!r} built no units "
+                                  "from these rollouts. Check generate.group_size and the data.")
+    out = pa.Table.from_pylist(units, schema=schemas.UNITS.arrow())
+    out = schemas.validate(out, schemas.UNITS, out_path)
+    pq.write_table(out, out_path)
+    return {"rows": out.num_rows, "metrics": summarize(units, rows)}
