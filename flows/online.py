@@ -19,11 +19,11 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
 from pipeline import config as config_mod
 from pipeline import report, runner
-from pipeline.prompts import materialize
 
 
 def _stage(name: str, cfg_data: dict, run_dir: str, iteration: int, inputs: dict,
@@ -36,29 +36,19 @@ def _stage(name: str, cfg_data: dict, run_dir: str, iteration: int, inputs: dict
     return res
 
 
-def stage_task(name: str, iteration: int, cached: bool):
+def _as_task(name: str, cfg: config_mod.Config, run_dir: Path, iteration: int, refs: dict,
+             force: bool) -> runner.StageResult:
+    """Run one stage as a Prefect task run named `<stage>-it<i>` (plus ` (cached)`)."""
+    cached = not force and runner.is_cached(name, cfg, run_dir, iteration, refs)
     label = f"{name}-it{iteration}" + (" (cached)" if cached else "")
-    return task(_stage, name=name, task_run_name=label, cache_policy=NO_CACHE,
-                persist_result=False)
+    t = task(_stage, name=name, task_run_name=label, cache_policy=NO_CACHE, persist_result=False)
+    res = t(name, config_mod.to_dict(cfg), str(run_dir), iteration, refs, force)
+    return res.result() if isinstance(res, State) else res  # a hit returns its Cached state
 
 
 @flow(name="eqlen-online", log_prints=False, persist_result=False)
 def online(cfg_data: dict, run_dir: str, force: bool = False) -> list[dict]:
     cfg = config_mod.load(base=cfg_data)
-    run_path = Path(run_dir).resolve()
-    runner.RunRecord(run_path).start(cfg, cfg.iterations)
-    prompts = runner.Ref.of(materialize(cfg, runner.cache_root(cfg, run_path)))
-    policy = runner.policy_input(cfg)
-    history = []
-    for i in range(cfg.iterations):
-        refs = {"prompts": prompts, "policy": policy}
-        results: dict[str, runner.StageResult] = {}
-        for name in runner.STAGE_NAMES:
-            cached = not force and runner.is_cached(name, cfg, run_path, i, refs)
-            res = stage_task(name, i, cached)(name, cfg_data, str(run_path), i, refs, force)
-            results[name] = res
-            refs[runner.OUTPUT_LABEL[name]] = res.ref()
-        policy = results["update"].ref("model")  # weight sync into the next generate
-        report.iteration_line(i, results)
-        history.append({k: v.__dict__ for k, v in results.items()})
-    return history
+    history = runner.online(cfg, run_dir, force=force, call=_as_task,
+                            on_iteration=report.iteration_line)
+    return [{k: v.__dict__ for k, v in it.items()} for it in history]

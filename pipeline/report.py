@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -11,7 +12,7 @@ from rich.table import Table
 from pipeline import cache
 from pipeline.runner import STAGE_NAMES, RunError, RunRecord
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -61,17 +62,18 @@ def iteration_line(i: int, results: dict) -> None:
     stages = {k: {"metrics": v.metrics, "seconds": v.seconds, "cached": v.cached}
               for k, v in results.items()}
     r = row_of(stages)
-    console.print(f"[bold]iteration {i}[/]  reward {_fmt(r['reward'])}  "
-                  f"len(correct) {_fmt(r['len_correct'], '.2f')}  "
-                  f"len(incorrect) {_fmt(r['len_incorrect'], '.2f')}  "
-                  f"time {r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}")
+    console.print(f"[bold]it {i}[/]  reward {_fmt(r['reward'])}  "
+                  f"len ok {_fmt(r['len_correct'], '.2f')}  "
+                  f"len bad {_fmt(r['len_incorrect'], '.2f')}  "
+                  f"{r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}")
 
 
 def print_summary(run_dir: str | Path) -> None:
     data = show_data(run_dir)
-    t = Table(title=f"EqLen run {data['run_dir']}")
-    for col in ("iter", "mean reward", "accuracy", "len correct", "len incorrect", "units",
-                "eff. token ratio", "time (s)", "cached"):
+    t = Table(title=f"EqLen run {data['run_dir']}",
+              caption="reward: mean over round-0 tracks; len ok / len bad: mean response length "
+                      "(tokens) of correct / incorrect responses; eff: effective token ratio")
+    for col in ("iter", "reward", "acc", "len ok", "len bad", "units", "eff", "sec", "cached"):
         t.add_column(col, justify="right")
     for it in data["iterations"]:
         r = row_of(it["stages"])
@@ -85,7 +87,7 @@ def print_summary(run_dir: str | Path) -> None:
 def print_show(run_dir: str | Path, as_json: bool) -> None:
     data = show_data(run_dir)
     if as_json:
-        print(json.dumps(data, indent=2, default=str))
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
     print_summary(run_dir)
     for it in data["iterations"]:

@@ -214,6 +214,39 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int) 
     return inputs
 
 
+StageCall = Callable[[str, Config, Path, int, dict, bool], StageResult]
+
+
+def _direct(name: str, cfg: Config, run_dir: Path, iteration: int, refs: dict,
+            force: bool) -> StageResult:
+    return run_stage(name, cfg, run_dir, iteration, refs, force=force)
+
+
+def online(cfg: Config, run_dir: str | Path, *, force: bool = False, call: StageCall = _direct,
+           on_iteration: Callable[[int, dict], None] | None = None) -> list[dict[str, StageResult]]:
+    """The online loop: per iteration generate -> score -> pair -> update, then the update's
+    model becomes the next iteration's policy (weight sync). `call` runs one stage: directly
+    here, as a Prefect task in flows/online.py."""
+    from pipeline.prompts import materialize
+
+    run_dir = Path(run_dir).resolve()
+    RunRecord(run_dir).start(cfg, cfg.iterations)
+    prompts = Ref.of(materialize(cfg, cache_root(cfg, run_dir)))
+    policy = policy_input(cfg)
+    history = []
+    for i in range(cfg.iterations):
+        refs = {"prompts": prompts, "policy": policy}
+        results = {}
+        for name in STAGE_NAMES:
+            results[name] = res = call(name, cfg, run_dir, i, refs, force)
+            refs[OUTPUT_LABEL[name]] = res.ref()
+        policy = results["update"].ref("model")
+        history.append(results)
+        if on_iteration is not None:
+            on_iteration(i, results)
+    return history
+
+
 def policy_input(cfg: Config) -> Ref:
     """The initial policy: the shipped demo model or a local model folder."""
     if cfg.model == "demo":

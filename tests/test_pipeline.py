@@ -1,0 +1,97 @@
+"""The stages chained through the run directory, without Prefect: cache semantics
+(DESIGN.md invariants 5 and 6) on real Parquet and a real transformers policy."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cache, config, runner
+from pipeline.runner import RunRecord, resolve_inputs, run_stage
+
+
+def run_online(cfg, run_dir):
+    return runner.online(cfg, run_dir, call=runner._direct)
+
+
+def keys(history):
+    return [{k: v.key for k, v in it.items()} for it in history]
+
+
+def cached(history):
+    return [{k: v.cached for k, v in it.items()} for it in history]
+
+
+@pytest.fixture
+def demo_cfg(make_cfg, policy_dir):
+    return make_cfg(f"model={policy_dir}")
+
+
+def test_same_inputs_are_served_from_cache(demo_cfg, tmp_path):
+    first = run_online(demo_cfg, tmp_path)
+    assert not any(any(c.values()) for c in cached(first))
+    again = run_online(demo_cfg, tmp_path)
+    assert all(all(c.values()) for c in cached(again))
+    assert keys(first) == keys(again)
+    # The cached outputs are the same bytes, and show reads them back.
+    for it in again:
+        for r in it.values():
+            assert cache.lookup(Path(r.path))["output_digest"] == r.digest
+
+
+def test_config_change_reruns_that_stage_and_later_ones_only(demo_cfg, tmp_path):
+    base = run_online(demo_cfg, tmp_path)
+    changed = config.apply(config.load(None, [], base=config.to_dict(demo_cfg)),
+                           overrides=["update.lr=0.01"])
+    h = run_online(changed, tmp_path)
+    c = cached(h)
+    # Iteration 0: generate/score/pair untouched, update reruns.
+    assert c[0] == {"generate": True, "score": True, "pair": True, "update": False}
+    assert keys(h)[0]["update"] != keys(base)[0]["update"]
+    # Iteration 1 samples from a different policy: everything reruns.
+    assert not any(c[1].values())
+    # Reverting the config serves the original outputs again.
+    back = run_online(demo_cfg, tmp_path)
+    assert keys(back) == keys(base) and all(all(x.values()) for x in cached(back))
+    assert [r["update"].digest for r in back] == [r["update"].digest for r in base]
+
+
+def test_deleted_or_damaged_output_is_detected_and_rebuilt(demo_cfg, tmp_path):
+    base = run_online(demo_cfg, tmp_path)
+    shutil.rmtree(base[0]["pair"].path)                      # deleted
+    (Path(base[1]["score"].path) / "scored.parquet").write_bytes(b"junk")  # damaged
+    h = run_online(demo_cfg, tmp_path)
+    assert h[0]["pair"].cached is False and h[1]["score"].cached is False
+    assert h[0]["generate"].cached and h[0]["update"].cached  # same bytes rebuilt -> same digest
+    assert pq.read_table(Path(h[1]["score"].path) / "scored.parquet").num_rows > 0
+
+
+def test_force_and_offline_stage_rerun(demo_cfg, tmp_path):
+    base = run_online(demo_cfg, tmp_path)
+    cfg = config.load(None, [], base=RunRecord(tmp_path).config())
+    inputs = resolve_inputs("pair", cfg, tmp_path, 1)
+    assert inputs["scored"].path == base[1]["score"].path
+    forced = run_stage("pair", cfg, tmp_path, 1, inputs, force=True)
+    assert not forced.cached and forced.key == base[1]["pair"].key
+    hit = run_stage("pair", cfg, tmp_path, 1, inputs)
+    assert hit.cached
+    # Other stages' records are untouched by the rerun.
+    rec = json.loads((tmp_path / "run.json").read_text())
+    assert rec["iterations"][1]["stages"]["generate"]["cached"] is False
+
+
+def test_killed_stage_leaves_nothing_visible(demo_cfg, tmp_path, monkeypatch):
+    from stages import pair
+
+    def boom(rows, cfg):
+        raise KeyboardInterrupt  # as if the process were interrupted mid-stage
+    monkeypatch.setitem(pair.STRATEGIES._items, "group", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_online(demo_cfg, tmp_path)
+    assert not (tmp_path / "cache" / "pair").exists() or not any(
+        p for p in (tmp_path / "cache" / "pair").iterdir() if not p.name.startswith(".tmp"))
+    monkeypatch.undo()
+    h = run_online(demo_cfg, tmp_path)  # resumes: earlier stages from cache
+    assert h[0]["generate"].cached and h[0]["score"].cached and not h[0]["pair"].cached
