@@ -8,6 +8,21 @@ strategy (`pair.strategy`, a registry) decides what they are:
   (R - mean) / (std + eps) over the group (`std` unbiased, as TRL and verl compute it;
   `pair.scale_rewards=none` leaves R - mean).
 
+- `truncate`: the post-hoc end of the framework. Each pair's two round-0 tracks are cut to
+  their common length m = min(|a|, |b|); the tails are masked (left out of the unit). Default
+  advantage: the pair difference R_a - R_b (and R_b - R_a), divided by the std of the
+  prompt's round-0 rewards + eps under `pair.scale_rewards=group`.
+- `eqlen`: the full method (DESIGN.md section 2). The pair's lineage is replayed round by
+  round: in round k the two current tracks continue from the same context c_k at offset o_k;
+  m_k = min of their remaining lengths; the unit holds both segments [o_k, o_k + m_k).
+  If one track ended there and a track born in round k+1 inherited the survivor's prefix,
+  round k+1 compares the survivor with that newcomer from o_k + m_k. Inherited tokens are
+  never in the inheriting track's units (its segments start at own_start); a survivor's
+  tokens after the last round are masked. Same default advantage as `truncate`.
+
+`group` and `truncate` use the round-0 tracks only; with `generate.rounds > 1` the
+inheriting tracks are left out of them (they show up as a lower effective token ratio).
+
 Every strategy writes one row per unit member (schema `units`), self-contained: context
 ids, segment ids, old log-probs, loss mask, reward, default advantage, lengths. So a units
 dataset can be trained on, inspected or reused without the rollouts it came from, and
@@ -82,6 +97,69 @@ def group_units(rows: list[dict], cfg: Config) -> list[dict]:
         for i, (m, a) in enumerate(zip(members, adv)):
             out.append(member(unit_id, "group", 0, i, len(members), m, 0,
                               len(m["response_ids"]), m["reward"], a))
+    return out
+
+
+def _prompt_scales(rows: list[dict], cfg: Config) -> dict[str, float]:
+    """Per prompt: the divisor of pair differences (std of its round-0 rewards + eps, or 1)."""
+    rewards: dict[str, list[float]] = {}
+    for r in rows:
+        if r["birth_round"] == 0:
+            rewards.setdefault(r["prompt_id"], []).append(r["reward"])
+    if cfg.pair.scale_rewards == "none":
+        return {k: 1.0 for k in rewards}
+    return {k: (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) + cfg.pair.eps
+            for k, v in rewards.items()}
+
+
+def _pairs(rows: list[dict]) -> list[list[dict]]:
+    by_pair: dict[int, list[dict]] = {}
+    for r in rows:
+        by_pair.setdefault(r["pair_id"], []).append(r)
+    return [sorted(v, key=lambda r: r["track_id"]) for _, v in sorted(by_pair.items())]
+
+
+def _pair_unit(unit_id: int, strategy: str, rnd: int, a: dict, b: dict, offset: int,
+               length: int, scale: float) -> list[dict]:
+    diff = (a["reward"] - b["reward"]) / scale
+    return [member(unit_id, strategy, rnd, 0, 2, a, offset, length, a["reward"], diff),
+            member(unit_id, strategy, rnd, 1, 2, b, offset, length, b["reward"], -diff)]
+
+
+@STRATEGIES.register("truncate")
+def truncate_units(rows: list[dict], cfg: Config) -> list[dict]:
+    scales, out = _prompt_scales(rows, cfg), []
+    for tracks in _pairs(rows):
+        a, b = [t for t in tracks if t["birth_round"] == 0]
+        m = min(len(a["response_ids"]), len(b["response_ids"]))
+        out += _pair_unit(len(out) // 2, "truncate", 0, a, b, 0, m, scales[a["prompt_id"]])
+    return out
+
+
+@STRATEGIES.register("eqlen")
+def eqlen_units(rows: list[dict], cfg: Config) -> list[dict]:
+    scales, out = _prompt_scales(rows, cfg), []
+    for tracks in _pairs(rows):
+        born = {(t["birth_round"], t["parent_track_id"]): t for t in tracks if t["birth_round"]}
+        a, b = [t for t in tracks if t["birth_round"] == 0]
+        offset, rnd = 0, 0
+        while True:
+            la, lb = len(a["response_ids"]), len(b["response_ids"])
+            m = min(la, lb) - offset
+            out += _pair_unit(len(out) // 2, "eqlen", rnd, a, b, offset, m,
+                              scales[a["prompt_id"]])
+            if la == lb:
+                break  # both ended on the same step: the pair is done
+            survivor = a if la > lb else b
+            newcomer = born.get((rnd + 1, survivor["track_id"]))
+            if newcomer is None:
+                break  # round budget spent: the survivor's tail stays masked
+            offset += m
+            if newcomer["own_start"] != offset:
+                raise schemas.SchemaError(
+                    f"track {newcomer['track_id']}: own_start {newcomer['own_start']} but it "
+                    f"inherited at offset {offset}; the rollouts' lineage is inconsistent")
+            a, b, rnd = survivor, newcomer, rnd + 1
     return out
 
 
