@@ -95,3 +95,38 @@ def test_killed_stage_leaves_nothing_visible(demo_cfg, tmp_path, monkeypatch):
     monkeypatch.undo()
     h = run_online(demo_cfg, tmp_path)  # resumes: earlier stages from cache
     assert h[0]["generate"].cached and h[0]["score"].cached and not h[0]["pair"].cached
+
+
+def test_eqlen_run_on_disk_passes_the_invariant_checker(make_cfg, policy_dir, tmp_path):
+    """generate.rounds=4 + pair.strategy=eqlen through the real stages and Parquet files."""
+    from invariants import check_rollouts, check_units
+
+    cfg = make_cfg(f"model={policy_dir}", "generate.rounds=4", "pair.strategy=eqlen",
+                   "data.prompts_per_iteration=16", "generate.temperature=1.5", "iterations=1")
+    h = run_online(cfg, tmp_path)[0]
+    scored = pq.read_table(Path(h["score"].path) / "scored.parquet").to_pylist()
+    units = pq.read_table(Path(h["pair"].path) / "units.parquet").to_pylist()
+    check_rollouts(scored, rounds=4, max_new_tokens=8, eos_id=1)
+    assert h["generate"].metrics["kv_copies"] > 0
+    trained, own = check_units(scored, units, h["pair"].metrics, strategy="eqlen")
+    assert 0 < trained <= own
+
+
+def test_swapping_the_strategy_reruns_pair_and_update_only_and_keeps_the_schema(
+        make_cfg, policy_dir, tmp_path):
+    base = make_cfg(f"model={policy_dir}", "generate.rounds=2", "iterations=1")
+    schemas_seen = {}
+    first = None
+    for strategy in ("group", "truncate", "eqlen"):
+        cfg = config.apply(config.load(None, [], base=config.to_dict(base)),
+                           overrides=[f"pair.strategy={strategy}"])
+        h = run_online(cfg, tmp_path)[0]
+        if first is None:
+            first = h
+        else:
+            assert h["generate"].cached and h["score"].cached
+            assert h["generate"].key == first["generate"].key
+            assert not h["pair"].cached and not h["update"].cached
+        schemas_seen[strategy] = pq.read_schema(Path(h["pair"].path) / "units.parquet")
+    assert schemas_seen["group"].equals(schemas_seen["truncate"])
+    assert schemas_seen["group"].equals(schemas_seen["eqlen"])
