@@ -3,6 +3,7 @@
     eqlen run   [--config FILE] [--run-dir DIR] [--iterations N] [--set KEY=VALUE ...] [--force]
     eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]
     eqlen show  DIR [--json]
+    eqlen plot  DIR [--out PNG]
     eqlen config            (every config key with its type, default and meaning)
 """
 
@@ -79,6 +80,12 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from pipeline.plot import plot_run
+    print(plot_run(args.dir, args.out))
+    return 0
+
+
 def cmd_config(args) -> int:
     from pipeline.config import describe
     for key, tp, default, help_ in describe():
@@ -111,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("dir")
     w.add_argument("--json", action="store_true", help="one JSON object (stable interface)")
     w.set_defaults(fn=cmd_show)
+
+    pl = sub.add_parser("plot", help="plot reward and lengths per iteration to a PNG")
+    pl.add_argument("dir")
+    pl.add_argument("--out", help="PNG path (default DIR/progress.png)")
+    pl.set_defaults(fn=cmd_plot)
 
     c = sub.add_parser("config", help="list every config key")
     c.set_defaults(fn=cmd_config)

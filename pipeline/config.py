@@ -86,18 +86,44 @@ class PairConfig:
 
 @dataclass
 class UpdateConfig:
-    algorithm: str = _f("grpo", "Policy-gradient objective.", choices="algorithms")
-    loss_agg: str = _f("seq_mean_token_mean", "How token losses are aggregated.",
-                       choices="loss_aggs")
-    lr: float = _f(2e-3, "AdamW learning rate.")
+    algorithm: str = _f("grpo", "Policy-gradient objective: grpo (token ratio), gspo (sequence "
+                        "ratio over the member's segment), rloo (token ratio, leave-one-out "
+                        "advantage).", choices="algorithms")
+    loss_agg: str = _f("seq_mean_token_mean", "How token losses are aggregated (per-token "
+                       "weights, see docs/objectives.md); `unit_mean` is the natural choice "
+                       "for pair units.", choices="loss_aggs")
+    advantage: str = _f("auto", "Advantage estimator: auto (the algorithm's: grpo for "
+                        "grpo/gspo, rloo for rloo), units (the pair stage's `advantage` "
+                        "column), or an estimator name.", choices="advantages")
+    scale_rewards: str = _f("auto", "Advantage scaling (TRL's scale_rewards): group, batch, "
+                            "none; auto = group for grpo, none for rloo.",
+                            choices=("auto", "group", "batch", "none"))
+    eps: float = _f(1e-4, "Added to the std before dividing.")
+    delta_l_alpha: float = _f(1.0, "Exponent alpha of the delta_l aggregation.")
+    lr: float = _f(2e-3, "AdamW peak learning rate.")
+    lr_schedule: str = _f("constant", "Learning-rate schedule over the whole run (iterations x "
+                          "epochs x minibatches optimizer steps), after warmup.",
+                          choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "Optimizer steps of linear warmup from 0 to lr.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     epochs: int = _f(1, "Passes over the units per update stage.")
-    minibatches: int = _f(1, "Optimizer steps per epoch (the units are split evenly).")
+    minibatches: int = _f(1, "Optimizer steps per epoch (the members are split evenly).")
     micro_batch_size: int = _f(64, "Sequences per forward/backward (gradient accumulation).")
     clip_low: float = _f(0.2, "Lower clip range: ratio >= 1 - clip_low.")
     clip_high: float = _f(0.2, "Upper clip range: ratio <= 1 + clip_high (clip-higher when > "
                           "clip_low).")
+    dual_clip: float = _f(0.0, "Dual-clip constant c > 1 bounding negative-advantage losses at "
+                          "-A*c (0 = off).")
+    beta: float = _f(0.0, "KL coefficient to the frozen initial policy (k3 estimator); the "
+                     "reference is loaded only when beta > 0.")
+    mask_truncated: bool = _f(False, "Leave out of the loss the members whose response hit "
+                              "max_new_tokens (finish_reason = length).")
+    skip_zero_signal: bool = _f(True, "Do not forward members of units whose rewards are all "
+                                "equal (advantage 0). Normalisers still count them, so "
+                                "nobody else's weight shifts; ignored when beta > 0.")
     max_grad_norm: float = _f(1.0, "Gradient clipping by global norm (0 = off).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory).")
+    bf16: bool = _f(True, "bf16 autocast for forward/backward on CUDA (CPU runs fp32).")
     device: str = _f("auto", "auto, cpu or cuda.")
 
 
@@ -129,6 +155,9 @@ def _registry_choices(name: str) -> tuple[str, ...]:
         from stages.update import ALGORITHMS as reg
     elif name == "loss_aggs":
         from stages.update import LOSS_AGGS as reg
+    elif name == "advantages":
+        from stages.update import ADVANTAGES
+        return ("auto", "units", *ADVANTAGES.names())
     else:  # pragma: no cover - a typo in this module
         raise KeyError(name)
     return tuple(reg.names())
@@ -235,6 +264,10 @@ def validate(cfg: Config) -> Config:
         (cfg.update.epochs >= 1 and cfg.update.minibatches >= 1 and cfg.update.micro_batch_size >= 1,
          "update.epochs, update.minibatches and update.micro_batch_size must be >= 1"),
         (cfg.update.lr > 0, "update.lr must be > 0"),
+        (cfg.update.clip_low >= 0 and cfg.update.clip_high >= 0,
+         "update.clip_low and update.clip_high must be >= 0"),
+        (cfg.update.dual_clip == 0 or cfg.update.dual_clip > 1, "update.dual_clip must be 0 (off) or > 1"),
+        (cfg.update.beta >= 0, "update.beta must be >= 0"),
         (not cfg.score.reward_weights or len(cfg.score.reward_weights) == len(cfg.score.reward_funcs),
          "score.reward_weights must be empty or have one weight per entry of score.reward_funcs"),
         (len(cfg.score.reward_funcs) >= 1, "score.reward_funcs must name at least one function"),

@@ -205,6 +205,8 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int) 
     if name in ("generate", "update"):
         # Both consume the policy the iteration started from; generate recorded it.
         inputs["policy"] = Ref(**rec.entry(iteration, "generate")["inputs"]["policy"])
+    if name == "update":
+        inputs["reference"] = policy_input(cfg)
     if name == "generate":
         inputs["prompts"] = Ref(**rec.entry(iteration, "generate")["inputs"]["prompts"])
     for k, ref in inputs.items():
@@ -232,10 +234,10 @@ def online(cfg: Config, run_dir: str | Path, *, force: bool = False, call: Stage
     run_dir = Path(run_dir).resolve()
     RunRecord(run_dir).start(cfg, cfg.iterations)
     prompts = Ref.of(materialize(cfg, cache_root(cfg, run_dir)))
-    policy = policy_input(cfg)
+    policy = reference = policy_input(cfg)
     history = []
     for i in range(cfg.iterations):
-        refs = {"prompts": prompts, "policy": policy}
+        refs = {"prompts": prompts, "policy": policy, "reference": reference}
         results = {}
         for name in STAGE_NAMES:
             results[name] = res = call(name, cfg, run_dir, i, refs, force)

@@ -1,62 +1,228 @@
-"""Policy-gradient objectives and loss aggregations, as small pure functions.
+"""Advantage estimators, policy-gradient objectives and loss aggregations.
 
-The update minimises   L = sum_{b,t} w[b,t] * l[b,t]
+The update minimises, per mini-batch,
 
-where `l` is the per-token surrogate of the algorithm and `w` the per-token weight of
-the loss aggregation. Writing the aggregation as an explicit weight tensor, computed once
-over the whole mini-batch before it is split into micro-batches, makes gradient
-accumulation exact (the micro-batch gradients sum to the full-batch gradient) and makes
-`w` itself a diagnostic: it is the weight that couples a token's gradient to the length
-of its response (DESIGN.md section 1).
+    L = sum_{b,t} w[b,t] * l[b,t]   (+ beta * sum_{b,t} w[b,t] * kl[b,t])
 
-Tensors: B sequences (unit members), L = longest segment in the mini-batch.
+where `l` is the per-token surrogate of the algorithm and `w` the per-token weight of the
+loss aggregation. Writing the aggregation as an explicit weight tensor, computed once over
+the whole mini-batch before it is split into micro-batches, makes gradient accumulation
+exact (micro-batch gradients sum to the full-batch gradient) and makes `w` a diagnostic:
+it is what couples a token's gradient to the length of its response (DESIGN.md section 1).
+
+Tensors: B sequences (unit members) of a mini-batch, L = its longest segment.
     mask        [B, L] bool   token enters the loss
     logp, old   [B, L] float  log-prob under the current / sampling policy
     adv         [B]    float  advantage of the member
+    unit        [B]    long   dense index of the member's unit within the mini-batch
+
+Names follow TRL / verl where they coincide: `seq_mean_token_mean` = TRL loss_type "grpo"
+= verl "seq-mean-token-mean"; `token_mean` = TRL "dapo"/"bnpo" = verl "token-mean";
+`seq_mean_token_sum_norm` = TRL "dr_grpo" = verl "seq-mean-token-sum-norm" (constant
+L_max = generate.max_new_tokens).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.registry import Registry
 
 LOSS_AGGS: Registry = Registry("loss aggregation", "update.loss_agg")
 ALGORITHMS: Registry = Registry("algorithm", "update.algorithm")
+ADVANTAGES: Registry = Registry("advantage estimator", "update.advantage")
+
+# ---------------------------------------------------------------- loss aggregations
+# Signature: (mask, unit, *, max_new_tokens, alpha) -> w [B, L], zero where mask is False.
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    return mask.float().sum(-1, keepdim=True).clamp(min=1)
+
+
+def _n_seq(mask: torch.Tensor) -> torch.Tensor:
+    return mask.any(-1).sum().clamp(min=1).float()
 
 
 @LOSS_AGGS.register("seq_mean_token_mean")
-def seq_mean_token_mean(mask: torch.Tensor, **_) -> torch.Tensor:
-    """GRPO (Shao et al. 2024; TRL loss_type='grpo', verl 'seq-mean-token-mean'):
-    w[b,t] = 1 / (B * |o_b|), |o_b| = tokens of member b in the loss."""
-    m = mask.float()
-    n_seq = mask.any(-1).sum().clamp(min=1)
-    return m / (m.sum(-1, keepdim=True).clamp(min=1) * n_seq)
+def seq_mean_token_mean(mask, unit=None, **_) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): w[b,t] = 1 / (B |o_b|)."""
+    return mask.float() / (_lengths(mask) * _n_seq(mask))
 
 
 @LOSS_AGGS.register("token_mean")
-def token_mean(mask: torch.Tensor, **_) -> torch.Tensor:
-    """DAPO (Yu et al. 2025; TRL 'dapo'/'bnpo', verl 'token-mean'): w = 1 / sum_b |o_b|."""
+def token_mean(mask, unit=None, **_) -> torch.Tensor:
+    """DAPO (Yu et al. 2025): w[b,t] = 1 / sum_j |o_j|."""
+    return mask.float() / mask.float().sum().clamp(min=1)
+
+
+@LOSS_AGGS.register("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(mask, unit=None, *, max_new_tokens: int, **_) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): w[b,t] = 1 / (B L_max), L_max = max_new_tokens."""
+    return mask.float() / (_n_seq(mask) * max_new_tokens)
+
+
+@LOSS_AGGS.register("delta_l")
+def delta_l(mask, unit=None, *, alpha: float = 1.0, **_) -> torch.Tensor:
+    """ΔL normalisation (He et al. 2025): w[b,t] = |o_b|^-alpha / sum_j |o_j|^-alpha.
+    alpha=1 is the minimum-variance unbiased choice when Var(g_b) ∝ |o_b|; alpha=0 gives
+    every sequence's token sum the weight 1/B."""
+    inv = _lengths(mask).pow(-alpha) * mask.any(-1, keepdim=True)
+    return mask.float() * inv / inv.sum().clamp(min=1e-12)
+
+
+@LOSS_AGGS.register("unit_mean")
+def unit_mean(mask, unit, **_) -> torch.Tensor:
+    """EqLen default: every unit weighs the same, and within a unit every token the same:
+    w[b,t] = 1 / (U * tokens of b's unit). For an EqLen unit of two m-token segments each
+    token weighs 1 / (2 m U): both members equal, whatever m."""
+    per_unit = torch.zeros(int(unit.max()) + 1, device=mask.device).index_add_(
+        0, unit, mask.float().sum(-1))
+    n_units = (per_unit > 0).sum().clamp(min=1)
+    return mask.float() / (per_unit[unit][:, None].clamp(min=1) * n_units)
+
+
+@LOSS_AGGS.register("token_sum_norm")
+def token_sum_norm(mask, unit, *, max_new_tokens: int, **_) -> torch.Tensor:
+    """Dr. GRPO's constant normaliser for units: w[b,t] = 1 / (U * L_max)."""
+    n_units = torch.unique(unit[mask.any(-1)]).numel() or 1
+    return mask.float() / (n_units * max_new_tokens)
+
+
+# ---------------------------------------------------------------- algorithms
+# Signature: (logp, old, adv, mask, *, clip_low, clip_high, dual_clip) -> (l [B, L], stats)
+
+
+def _clip_stats(ratio, adv_tok, mask, clip_low, clip_high, log_ratio) -> dict:
     m = mask.float()
-    return m / m.sum().clamp(min=1)
+    n = m.sum().clamp(min=1)
+    lr = log_ratio.detach()
+    low = (ratio < 1 - clip_low) & (adv_tok < 0)   # clipped at the lower bound
+    high = (ratio > 1 + clip_high) & (adv_tok > 0)  # clipped at the upper bound
+    return {"clipfrac_low": float((low.float() * m).sum() / n),
+            "clipfrac_high": float((high.float() * m).sum() / n),
+            "clipfrac": float(((low | high).float() * m).sum() / n),
+            "ratio_mean": float((ratio.detach() * m).sum() / n),
+            # k3 estimate of KL(old || new) per token: how far the policy moved.
+            "approx_kl": float(((torch.exp(lr) - 1 - lr) * m).sum() / n)}
 
 
-@ALGORITHMS.register("grpo")
-def grpo_token_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                    *, clip_low: float, clip_high: float, **_) -> tuple[torch.Tensor, dict]:
-    """PPO/GRPO clipped surrogate with a token-level ratio r = exp(logp - old):
-    l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))."""
-    ratio = torch.exp(logp - old)
-    a = adv[:, None]
+def _clipped(ratio, a, clip_low, clip_high, dual_clip):
     pg_loss1 = -a * ratio
     pg_loss2 = -a * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(pg_loss1, pg_loss2)
-    with torch.no_grad():
-        m = mask.float()
-        n = m.sum().clamp(min=1)
-        stats = {
-            "clipfrac": float(((pg_loss2 > pg_loss1).float() * m).sum() / n),
-            "approx_kl": float((((ratio - 1) - (logp - old)) * m).sum() / n),  # k3 of old vs new
-            "ratio_mean": float((ratio * m).sum() / n),
-        }
-    return loss, stats
+    if dual_clip > 1.0:
+        # Dual-clip PPO (Ye et al. 2020): bound the loss of negative-advantage tokens
+        # whose ratio exploded at -A * c.
+        loss = torch.where(a < 0, torch.minimum(loss, -a * dual_clip), loss)
+    return loss
+
+
+@ALGORITHMS.register("grpo")
+def grpo_token_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
+                    dual_clip: float = 0.0, **_) -> tuple[torch.Tensor, dict]:
+    """PPO/GRPO clipped surrogate, token-level ratio r = exp(logp - old):
+    l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) (dual-clip: min(l, -A c) for A<0)."""
+    ratio = torch.exp(logp - old)
+    a = adv[:, None].expand_as(ratio)
+    loss = _clipped(ratio, a, clip_low, clip_high, dual_clip)
+    return loss, _clip_stats(ratio.detach(), a, mask, clip_low, clip_high, logp - old)
+
+
+@ALGORITHMS.register("rloo")
+def rloo_token_loss(logp, old, adv, mask, **kw) -> tuple[torch.Tensor, dict]:
+    """RLOO (Ahmadian et al. 2024) as TRL and verl run it: the same clipped token-level
+    surrogate as grpo; what differs is the advantage (leave-one-out, see ADVANTAGES)."""
+    return grpo_token_loss(logp, old, adv, mask, **kw)
+
+
+def sequence_ratio(logp, old, mask) -> torch.Tensor:
+    """GSPO's s_b = exp(mean over the member's loss tokens of (logp - old)), shape [B]."""
+    m = mask.float()
+    return torch.exp(((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1))
+
+
+@ALGORITHMS.register("gspo")
+def gspo_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
+              dual_clip: float = 0.0, **_) -> tuple[torch.Tensor, dict]:
+    """GSPO (Zheng et al. 2025): sequence-level ratio s_b over the member's segment, clipped
+    at the sequence level: l_b = max(-A s_b, -A clip(s_b)), placed on every loss token of b
+    (so with seq_mean_token_mean the objective is GSPO's mean over sequences). Use GSPO's
+    small clip ranges (e.g. clip_low=3e-4, clip_high=4e-4)."""
+    s = sequence_ratio(logp, old, mask)
+    seq_loss = _clipped(s, adv, clip_low, clip_high, dual_clip)
+    loss = seq_loss[:, None].expand_as(logp)
+    st = _clip_stats(s.detach()[:, None].expand_as(logp), adv[:, None].expand_as(logp), mask,
+                     clip_low, clip_high, logp - old)
+    return loss, st
+
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref) per token (Schulman 2020): exp(d) - d - 1, d = ref - logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+# ---------------------------------------------------------------- advantage estimators
+# Signature: (rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps) -> advantages [n]
+# `pair_unit` marks members of two-member units of a pair strategy (truncate, eqlen): those
+# get the pair forms of DESIGN.md section 2.
+
+
+def _prompt_std(rewards, prompt_id, round_, unit_id, pair_unit) -> dict:
+    """Std (unbiased) of each prompt's independent rewards: the members of its round-0 units."""
+    out = {}
+    for p in np.unique(prompt_id):
+        sel = (prompt_id == p) & ((round_ == 0) | ~pair_unit)
+        v = rewards[sel]
+        out[p] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return out
+
+
+def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo: bool):
+    rewards = np.asarray(rewards, dtype=np.float64)
+    adv = np.zeros_like(rewards)
+    batch_std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
+    pstd = _prompt_std(rewards, prompt_id, round_, unit_id, pair_unit)
+    for u in np.unique(unit_id):
+        idx = np.flatnonzero(unit_id == u)
+        r = rewards[idx]
+        n = len(idx)
+        if pair_unit[idx[0]]:
+            centred = r - r[::-1]                     # R_l - R_r, R_r - R_l
+            std = pstd[prompt_id[idx[0]]]
+        elif loo:
+            centred = (r - (r.sum() - r) / max(n - 1, 1)) if n > 1 else r * 0
+            std = float(np.std(r, ddof=1)) if n > 1 else 0.0
+        else:
+            centred = r - r.mean()
+            std = float(np.std(r, ddof=1)) if n > 1 else 0.0
+        if scale == "group":
+            centred = centred / (std + eps)
+        elif scale == "batch":
+            centred = centred / (batch_std + eps)
+        adv[idx] = centred
+    return adv
+
+
+@ADVANTAGES.register("grpo")
+def grpo_advantages(rewards, unit_id, prompt_id, round_, pair_unit, *, scale="group",
+                    eps=1e-4) -> np.ndarray:
+    """Group: A_i = (R_i - mean_unit) / (std_unit + eps) (`scale`: group | batch | none;
+    TRL's scale_rewards). Pair units: A_l = (R_l - R_r) / (std of the prompt's round-0
+    rewards + eps), A_r = -A_l."""
+    return _estimate(rewards, unit_id, prompt_id, round_, pair_unit, scale=scale, eps=eps,
+                     loo=False)
+
+
+@ADVANTAGES.register("rloo")
+def rloo_advantages(rewards, unit_id, prompt_id, round_, pair_unit, *, scale="none",
+                    eps=1e-4) -> np.ndarray:
+    """Leave-one-out: A_i = R_i - mean of the other members = G/(G-1) (R_i - mean).
+    Pair units: A_l = R_l - R_r. Unscaled unless `scale` says otherwise."""
+    return _estimate(rewards, unit_id, prompt_id, round_, pair_unit, scale=scale, eps=eps,
+                     loo=True)
+
+
+DEFAULT_ADVANTAGE = {"grpo": "grpo", "gspo": "grpo", "rloo": "rloo"}

@@ -1,25 +1,33 @@
 """Stage 4, update: one policy-optimisation step on comparison units.
 
-Reads the units dataset and the policy the iteration started from; for `update.epochs`
-passes, splits the unit members (seeded shuffle) into `update.minibatches` mini-batches,
-and for each mini-batch
+Reads the units dataset and the policy the iteration started from, then
 
-1. computes the per-token weights of `update.loss_agg` over the whole mini-batch,
-2. runs micro-batches of `update.micro_batch_size` members: forward on context + segment,
-   log-probs of the segment tokens at the sampling temperature, the algorithm's per-token
-   surrogate (`update.algorithm`), loss = sum(weight * surrogate), backward (accumulate),
-3. clips the global gradient norm and takes an AdamW step.
+1. computes each member's advantage (`update.advantage`: the algorithm's estimator, or the
+   pair stage's `advantage` column) and its loss mask (`update.mask_truncated`);
+2. for `update.epochs` passes, splits the members (seeded shuffle) into
+   `update.minibatches` mini-batches; per mini-batch it computes the per-token weights of
+   `update.loss_agg` over the whole mini-batch, runs micro-batches of
+   `update.micro_batch_size` members (forward on context + segment, log-probs at the
+   sampling temperature, the algorithm's per-token surrogate, plus beta * k3 KL to the
+   frozen initial policy), accumulates gradients, clips their norm and takes an AdamW step
+   (learning rate from `update.lr_schedule` with warmup, over the run's global step).
 
 Because the weights are fixed per mini-batch before it is split, the accumulated gradient
-equals the full-batch gradient whatever the micro-batch size (tested).
+equals the full-batch gradient whatever the micro-batch size (tested). Members of units
+whose rewards are all equal carry no policy-gradient signal: with `skip_zero_signal` they
+are not forwarded, but still counted in the normalisers, so nobody else's weight moves.
 
-Writes `model/` (a Hugging Face checkpoint with its tokenizer; `from_pretrained` loads it)
-plus `model/optimizer.pt` (AdamW state, picked up by the next iteration's update, as a
-long-running trainer would keep it), and `metrics.parquet` (one row per optimizer step).
+Writes `model/` (Hugging Face checkpoint + tokenizer, `from_pretrained` loads it) with
+`optimizer.pt` and `trainer_state.json` (global step), `metrics.parquet` (one row per
+optimizer step), and `token_weights.parquet`: per member, on the first epoch, the
+advantage used, the aggregation weight w[b,t] and the exact per-token gradient weight
+d loss / d logp[b,t] — the length diagnostics, open to independent recomputation.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
@@ -33,12 +41,13 @@ import schemas
 from pipeline.config import Config
 from pipeline.models import load_policy, load_tokenizer, resolve_device
 from stages import losses
-from stages.losses import ALGORITHMS, LOSS_AGGS
+from stages.losses import ADVANTAGES, ALGORITHMS, DEFAULT_ADVANTAGE, LOSS_AGGS, k3_kl
 
-NAME, VERSION = "update", 1
-INPUTS = ("units", "policy")
+NAME, VERSION = "update", 2
+INPUTS = ("units", "policy", "reference")
 CODE_DEPS = (losses.__file__,)
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
+PAIR_STRATEGIES = ("truncate", "eqlen")
 
 
 def implementation(cfg: Config) -> str:
@@ -47,8 +56,8 @@ def implementation(cfg: Config) -> str:
 
 def key_config(cfg: Config, iteration: int) -> dict:
     u = {k: v for k, v in vars(cfg.update).items() if k not in ("device",)}
-    return {"update": u, "seed": cfg.seed, "iteration": iteration,
-            "temperature": cfg.generate.temperature}
+    return {"update": u, "seed": cfg.seed, "iteration": iteration, "iterations": cfg.iterations,
+            "temperature": cfg.generate.temperature, "max_new_tokens": cfg.generate.max_new_tokens}
 
 
 def pad(seqs: list[list], value, dtype) -> torch.Tensor:
@@ -78,76 +87,189 @@ def segment_logprobs(model, context: list[list[int]], segment: list[list[int]], 
     return logp, entropy
 
 
-def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: int,
-                       device) -> dict:
+def advantages(cols: dict[str, list], cfg: Config) -> np.ndarray:
+    """Each member's advantage under `update.advantage` (see stages/losses.py)."""
+    u = cfg.update
+    name = DEFAULT_ADVANTAGE[u.algorithm] if u.advantage == "auto" else u.advantage
+    if name == "units":
+        return np.asarray(cols["advantage"], dtype=np.float64)
+    scale = u.scale_rewards if u.scale_rewards != "auto" else \
+        {"grpo": "group", "rloo": "none"}[name]
+    pair_unit = np.array([s in PAIR_STRATEGIES and n == 2
+                          for s, n in zip(cols["strategy"], cols["unit_size"])])
+    return ADVANTAGES.get(name)(
+        np.asarray(cols["reward"]), np.asarray(cols["unit_id"]), np.asarray(cols["prompt_id"]),
+        np.asarray(cols["round"]), pair_unit, scale=scale, eps=u.eps)
+
+
+def zero_signal(cols: dict[str, list]) -> np.ndarray:
+    """True for members of units whose members' rewards are all equal."""
+    rewards: dict[int, set] = {}
+    for uid, r in zip(cols["unit_id"], cols["reward"]):
+        rewards.setdefault(uid, set()).add(r)
+    return np.array([len(rewards[uid]) == 1 for uid in cols["unit_id"]])
+
+
+def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: int, device, *,
+                       ref_model=None, record: list | None = None) -> dict:
     """Accumulate the gradient of one mini-batch (member indices `mb`) into model.grad.
 
-    The loss aggregation's per-token weights are computed over the whole mini-batch first,
-    so the sum over micro-batches is exactly the full-batch loss and gradient.
+    `cols` holds per-member lists: context_ids, segment_ids, old_logprobs, loss_mask,
+    advantage (used as is), unit_id, and optionally `skip` (members not forwarded).
+    The aggregation's weights are computed over the whole mini-batch first, so the sum over
+    micro-batches is exactly the full-batch loss and gradient. With `record`, appends per
+    member (index, w[b,:n], d loss / d logp[b,:n]).
     """
     u = cfg.update
-    agg, algo = LOSS_AGGS.get(u.loss_agg), ALGORITHMS.get(u.algorithm)
+    algo = ALGORITHMS.get(u.algorithm)
     mask = pad([cols["loss_mask"][i] for i in mb], False, torch.bool).to(device)
-    weights = agg(mask=mask, max_new_tokens=cfg.generate.max_new_tokens)
+    _, unit = np.unique([cols["unit_id"][i] for i in mb], return_inverse=True)
+    unit = torch.as_tensor(unit, device=device)
+    weights = LOSS_AGGS.get(u.loss_agg)(mask, unit, max_new_tokens=cfg.generate.max_new_tokens,
+                                        alpha=u.delta_l_alpha)
     width = mask.shape[1]
-    total, ent_sum, stat_sums = 0.0, 0.0, {}
-    for s in range(0, len(mb), u.micro_batch_size):
-        idx = mb[s:s + u.micro_batch_size]
-        sl = slice(s, s + len(idx))
-        logp, entropy = segment_logprobs(model, [cols["context_ids"][i] for i in idx],
-                                         [cols["segment_ids"][i] for i in idx], pad_id,
-                                         cfg.generate.temperature, device)
+    skip = cols.get("skip")
+    active = np.array([i for i in range(len(mb)) if skip is None or not skip[mb[i]]], dtype=int)
+    total, ent_sum, kl_sum = 0.0, 0.0, 0.0
+    stat_sums = dict.fromkeys(("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean",
+                               "approx_kl"), 0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=bool(u.bf16 and torch.device(device).type == "cuda"))
+    for s in range(0, len(active), u.micro_batch_size):
+        pos = active[s:s + u.micro_batch_size]
+        idx = [mb[p] for p in pos]
+        ctx_ids = [cols["context_ids"][i] for i in idx]
+        seg_ids = [cols["segment_ids"][i] for i in idx]
+        with autocast:
+            logp, entropy = segment_logprobs(model, ctx_ids, seg_ids, pad_id,
+                                             cfg.generate.temperature, device)
         # Pad to the mini-batch width so the precomputed weights line up.
         logp = F.pad(logp, (0, width - logp.shape[1]))
+        if record is not None:
+            logp.retain_grad()
         entropy = F.pad(entropy, (0, width - entropy.shape[1]))
-        old = F.pad(pad([cols["old_logprobs"][i] for i in idx], 0.0, torch.float32),
-                    (0, width - max(len(cols["old_logprobs"][i]) for i in idx))).to(device)
+        old = pad([cols["old_logprobs"][i] for i in idx], 0.0, torch.float32)
+        old = F.pad(old, (0, width - old.shape[1])).to(device)
         adv = torch.tensor([cols["advantage"][i] for i in idx], dtype=torch.float32, device=device)
-        m = mask[sl]
-        tok_loss, st = algo(logp, old, adv, m, clip_low=u.clip_low, clip_high=u.clip_high)
-        loss = (weights[sl] * tok_loss * m).sum()
+        m, w = mask[pos], weights[pos]
+        tok_loss, st = algo(logp, old, adv, m, clip_low=u.clip_low, clip_high=u.clip_high,
+                            dual_clip=u.dual_clip)
+        loss = (w * tok_loss * m).sum()
+        if ref_model is not None and u.beta > 0:
+            with torch.no_grad(), autocast:
+                ref, _ = segment_logprobs(ref_model, ctx_ids, seg_ids, pad_id,
+                                          cfg.generate.temperature, device)
+            kl = k3_kl(logp, F.pad(ref, (0, width - ref.shape[1])))
+            loss = loss + u.beta * (w * kl * m).sum()
+            kl_sum += float((kl.detach() * m).sum())
         loss.backward()
         total += float(loss.detach())
         k = float(m.sum())
         ent_sum += float((entropy.detach() * m).sum())
         for key, v in st.items():
             stat_sums[key] = stat_sums.get(key, 0.0) + v * k
-    n_tok = float(mask.sum()) or 1.0
-    return {"loss": total, "entropy": ent_sum / n_tok, "members": len(mb), "tokens": int(n_tok),
-            **{k: v / n_tok for k, v in stat_sums.items()}}
+        if record is not None:
+            for j, i in enumerate(idx):
+                n = len(cols["segment_ids"][i])
+                record.append((i, w[j, :n].tolist(), logp.grad[j, :n].tolist()))
+    if record is not None:  # skipped members: weight counted, gradient zero by construction
+        for p in np.setdiff1d(np.arange(len(mb)), active):
+            n = len(cols["segment_ids"][mb[p]])
+            record.append((mb[p], weights[p, :n].tolist(), [0.0] * n))
+    n_tok = float(mask[active].sum()) if len(active) else 0.0
+    d = n_tok or 1.0
+    return {"loss": total, "entropy": ent_sum / d, "kl": kl_sum / d, "members": len(mb),
+            "forwarded": len(active), "tokens": int(n_tok),
+            **{k: v / d for k, v in stat_sums.items()}}
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    u = cfg.update
+    if u.warmup_steps and step < u.warmup_steps:
+        return u.lr * (step + 1) / u.warmup_steps
+    total = max(1, cfg.iterations * u.epochs * u.minibatches - u.warmup_steps)
+    frac = min(1.0, max(0, step - u.warmup_steps) / total)
+    if u.lr_schedule == "linear":
+        return u.lr * (1 - frac)
+    if u.lr_schedule == "cosine":
+        return u.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return u.lr
+
+
+def diagnostics(cols, adv, record, correct) -> dict:
+    """Length diagnostics of the first epoch's per-token gradient weights."""
+    by_member = {i: np.abs(np.asarray(g)) for i, _, g in record}
+    toks, lens, corr_w, inc_w = [], [], [], []
+    for i, g in by_member.items():
+        live = g[np.asarray(cols["loss_mask"][i], dtype=bool)]
+        if adv[i] == 0 or live.size == 0:
+            continue
+        toks.append(live)
+        lens.append(np.full(live.size, cols["response_len"][i], dtype=float))
+        (corr_w if correct[i] else inc_w).append(live)
+    out = {"grad_weight_len_corr": None, "grad_weight_correct": None, "grad_weight_incorrect": None}
+    if toks:
+        w, length = np.concatenate(toks), np.concatenate(lens)
+        if w.std() > 0 and length.std() > 0:
+            out["grad_weight_len_corr"] = float(np.corrcoef(w, length)[0, 1])
+    if corr_w:
+        out["grad_weight_correct"] = float(np.concatenate(corr_w).mean())
+    if inc_w:
+        out["grad_weight_incorrect"] = float(np.concatenate(inc_w).mean())
+    return out
 
 
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     u = cfg.update
     path = inputs["units"] / "units.parquet"
     units = schemas.validate(pq.read_table(path), schemas.UNITS, path)
-    cols = {c: units.column(c).to_pylist() for c in
-            ("context_ids", "segment_ids", "old_logprobs", "loss_mask", "advantage")}
+    cols = {c: units.column(c).to_pylist() for c in (
+        "unit_id", "prompt_id", "strategy", "track_id", "round", "member", "unit_size",
+        "context_ids", "segment_ids", "old_logprobs", "loss_mask", "reward", "advantage",
+        "response_len", "finish_reason", "segment_len")}
     n = units.num_rows
+    adv = advantages(cols, cfg)
+    cols["advantage"] = adv.tolist()
+    if u.mask_truncated:
+        cols["loss_mask"] = [[False] * len(m) if fr == "length" else m
+                             for m, fr in zip(cols["loss_mask"], cols["finish_reason"])]
+    if u.skip_zero_signal and u.beta == 0:
+        cols["skip"] = zero_signal(cols).tolist()
+    correct = np.asarray(cols["reward"]) >= cfg.score.correct_threshold
 
     device = resolve_device(u.device)
     torch.manual_seed(cfg.seed * 7919 + ctx.iteration)
     model = load_policy(inputs["policy"], device)
+    if u.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
     model.train()
     tokenizer = load_tokenizer(inputs["policy"])
+    ref_model = load_policy(inputs["reference"], device) if u.beta > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=u.lr, weight_decay=u.weight_decay)
-    opt_file = inputs["policy"] / OPTIMIZER_FILE
-    if opt_file.is_file():
-        opt.load_state_dict(torch.load(opt_file, map_location=device))
-        for g in opt.param_groups:  # config wins over the stored hyper-parameters
-            g["lr"], g["weight_decay"] = u.lr, u.weight_decay
+    step0 = 0
+    if (inputs["policy"] / OPTIMIZER_FILE).is_file():
+        opt.load_state_dict(torch.load(inputs["policy"] / OPTIMIZER_FILE, map_location=device))
+    if (inputs["policy"] / STATE_FILE).is_file():
+        step0 = json.loads((inputs["policy"] / STATE_FILE).read_text())["global_step"]
 
     rng = np.random.default_rng(cfg.seed * 7919 + ctx.iteration)
-    steps, tokens, t0 = [], 0, time.perf_counter()
+    steps, record, t0 = [], [], time.perf_counter()
+    tokens = 0
     for epoch in range(u.epochs):
-        for mb in np.array_split(rng.permutation(n), min(u.minibatches, n)):
+        for mbi, mb in enumerate(np.array_split(rng.permutation(n), min(u.minibatches, n))):
+            lr = lr_at(step0 + len(steps), cfg)
+            for g in opt.param_groups:  # config wins over the stored hyper-parameters
+                g["lr"], g["weight_decay"] = lr, u.weight_decay
             opt.zero_grad(set_to_none=True)
-            st = minibatch_backward(model, cols, mb, cfg, tokenizer.pad_token_id, device)
+            st = minibatch_backward(model, cols, mb, cfg, tokenizer.pad_token_id, device,
+                                    ref_model=ref_model, record=record if epoch == 0 else None)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), u.max_grad_norm if u.max_grad_norm > 0 else float("inf"))
             opt.step()
             tokens += st["tokens"]
-            steps.append({"epoch": epoch, "step": len(steps), "grad_norm": float(grad_norm), **st})
+            steps.append({"epoch": epoch, "minibatch": mbi, "step": step0 + len(steps),
+                          "lr": lr, "grad_norm": float(grad_norm), **st})
             ctx.log(f"  update: step {len(steps)} loss {st['loss']:+.4f} "
                     f"grad_norm {float(grad_norm):.3f}")
     seconds = time.perf_counter() - t0
@@ -156,13 +278,35 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     torch.save(opt.state_dict(), out_dir / "model" / OPTIMIZER_FILE)
+    (out_dir / "model" / STATE_FILE).write_text(
+        json.dumps({"global_step": step0 + len(steps)}))
     pq.write_table(pa.Table.from_pylist(steps), out_dir / "metrics.parquet")
-    last = steps[-1]
-    metrics = {"optimizer_steps": len(steps), "loss": last["loss"],
-               "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
-               "entropy": float(np.mean([s["entropy"] for s in steps])),
-               "clipfrac": float(np.mean([s["clipfrac"] for s in steps])),
-               "approx_kl": float(np.mean([s["approx_kl"] for s in steps])),
+    record.sort(key=lambda r: r[0])
+    pq.write_table(pa.table({
+        "unit_id": [cols["unit_id"][i] for i, _, _ in record],
+        "track_id": [cols["track_id"][i] for i, _, _ in record],
+        "member": [cols["member"][i] for i, _, _ in record],
+        "segment_len": [cols["segment_len"][i] for i, _, _ in record],
+        "response_len": [cols["response_len"][i] for i, _, _ in record],
+        "reward": [cols["reward"][i] for i, _, _ in record],
+        "advantage": [float(adv[i]) for i, _, _ in record],
+        "loss_mask": [cols["loss_mask"][i] for i, _, _ in record],
+        "agg_weight": pa.array([w for _, w, _ in record], pa.list_(pa.float64())),
+        "grad_weight": pa.array([g for _, _, g in record], pa.list_(pa.float64())),
+    }), out_dir / "token_weights.parquet")
+
+    def mean(key):
+        return float(np.mean([s[key] for s in steps]))
+    lens = np.asarray(cols["response_len"])
+    metrics = {"optimizer_steps": len(steps), "global_step": step0 + len(steps),
+               "lr": steps[-1]["lr"], "loss": steps[-1]["loss"], "grad_norm": mean("grad_norm"),
+               "entropy": mean("entropy"), "kl": mean("kl"), "clipfrac": mean("clipfrac"),
+               "clipfrac_low": mean("clipfrac_low"), "clipfrac_high": mean("clipfrac_high"),
+               "approx_kl": mean("approx_kl"),
+               "skipped_members": int(np.sum(cols.get("skip", [False] * n))),
+               "len_correct": float(lens[correct].mean()) if correct.any() else None,
+               "len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
+               **diagnostics(cols, adv, record, correct),
                "tokens_trained": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
                "device": str(device)}
     return {"rows": n, "metrics": metrics}

@@ -53,3 +53,13 @@ def test_describe_covers_every_key():
               "update.algorithm", "update.loss_agg", "update.lr", "seed"):
         assert k in keys
     assert all(row[3] for row in config.describe()), "every key is documented"
+
+
+def test_generated_docs_are_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gen_docs.py"), "--check"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout

@@ -130,3 +130,21 @@ def test_swapping_the_strategy_reruns_pair_and_update_only_and_keeps_the_schema(
         schemas_seen[strategy] = pq.read_schema(Path(h["pair"].path) / "units.parquet")
     assert schemas_seen["group"].equals(schemas_seen["truncate"])
     assert schemas_seen["group"].equals(schemas_seen["eqlen"])
+
+
+def test_update_writes_a_loadable_checkpoint_and_a_plot(demo_cfg, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.plot import plot_run
+
+    h = run_online(demo_cfg, tmp_path)
+    new = AutoModelForCausalLM.from_pretrained(Path(h[0]["update"].path) / "model")
+    old = AutoModelForCausalLM.from_pretrained(demo_cfg.model)
+    diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(new.parameters(), old.parameters()))
+    assert diff > 0, "the update changed the weights"
+    steps = pq.read_table(Path(h[0]["update"].path) / "metrics.parquet").to_pylist()
+    assert steps and {"loss", "grad_norm", "clipfrac", "approx_kl", "entropy"} <= set(steps[0])
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    png = plot_run(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
