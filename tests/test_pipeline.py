@@ -148,3 +148,29 @@ def test_update_writes_a_loadable_checkpoint_and_a_plot(demo_cfg, tmp_path):
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
     png = plot_run(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_algorithm_and_loss_agg_runs_from_the_cli(make_cfg, policy_dir, tmp_path, capsys):
+    """The offline rerun of update swept over every algorithm x aggregation name, on EqLen
+    units, through the `eqlen stage` entry point (in-process)."""
+    from pipeline.cli import main
+    from stages import losses
+
+    cfg = make_cfg(f"model={policy_dir}", "generate.rounds=2", "pair.strategy=eqlen",
+                   "iterations=1", "generate.temperature=1.5")
+    run_online(cfg, tmp_path)
+    keys = set()
+    for algo in losses.ALGORITHMS.names():
+        for agg in losses.LOSS_AGGS.names():
+            rc = main(["stage", "update", "--run-dir", str(tmp_path), "--set",
+                       f"update.algorithm={algo}", "--set", f"update.loss_agg={agg}"])
+            assert rc == 0, (algo, agg)
+            e = RunRecord(tmp_path).entry(0, "update")
+            m = cache.lookup(Path(e["path"]))
+            assert m["implementation"] == f"update.{algo}.{agg}"
+            tw = pq.read_table(Path(e["path"]) / "token_weights.parquet")
+            assert tw.num_rows == m["rows"]
+            keys.add(e["key"])
+    assert len(keys) == len(losses.ALGORITHMS.names()) * len(losses.LOSS_AGGS.names())
+    rc = main(["stage", "update", "--run-dir", str(tmp_path), "--set", "update.loss_agg=median"])
+    assert rc == 2 and "valid values: seq_mean_token_mean" in capsys.readouterr().err
