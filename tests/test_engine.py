@@ -89,3 +89,13 @@ def test_inheritance_does_not_change_the_distribution(lm):
     crit = 1.63 / np.sqrt(len(newcomers))
     assert _ks_uniform(right) < crit
     assert _ks_uniform(wrong) > crit
+
+
+def test_top_k_and_top_p_filters_by_hand():
+    """probs 1/6, 2/6, 3/6: top_k=2 drops the first; top_p=0.5 keeps only the 3/6 token
+    (mass before it 0 < 0.5), top_p=0.6 keeps 3/6 and 2/6 (mass before 2/6 is 0.5 < 0.6)."""
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0]]))
+    keep = lambda x: torch.isfinite(x)[0].tolist()
+    assert keep(hf_engine._filter_logits(logits, 2, 1.0)) == [False, True, True]
+    assert keep(hf_engine._filter_logits(logits, 0, 0.5)) == [False, False, True]
+    assert keep(hf_engine._filter_logits(logits, 0, 0.6)) == [False, True, True]
