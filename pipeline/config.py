@@ -235,21 +235,22 @@ def _set(obj: Any, key: str, value: Any, prefix: str = "") -> None:
     setattr(obj, head, _coerce(value, hints[head], full))
 
 
+def leaves(obj: Any, prefix: str = ""):
+    """(dotted key, field, value, owning dataclass) of every non-section field."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from leaves(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, v, obj
+
+
 def validate(cfg: Config) -> Config:
     """Check every closed-choice field and the numeric ranges the stages rely on."""
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                walk(v, f"{prefix}{f.name}.")
-                continue
-            ch = choices_of(f)
-            if ch is not None and v not in ch:
-                raise ConfigError(f"{prefix}{f.name}: invalid value {v!r}; valid values: "
-                                  + ", ".join(ch))
-
-    walk(cfg, "")
+    for key, f, v, _ in leaves(cfg):
+        ch = choices_of(f)
+        if ch is not None and v not in ch:
+            raise ConfigError(f"{key}: invalid value {v!r}; valid values: " + ", ".join(ch))
     g = cfg.generate
     checks = [
         (g.group_size >= 2 and g.group_size % 2 == 0, "generate.group_size must be even and >= 2"),
@@ -325,20 +326,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def describe() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every config key, for --help-config and the README."""
+    """(key, type, default, help) for every config key, for `eqlen config` and docs/config.md."""
     rows = []
-
-    def walk(obj: Any, prefix: str) -> None:
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                walk(v, f"{prefix}{f.name}.")
-                continue
-            ch = choices_of(f)
-            help_ = f.metadata.get("help", "") + (f" One of: {', '.join(ch)}." if ch else "")
-            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            rows.append((f"{prefix}{f.name}", tp, repr(v), help_))
-
-    walk(Config(), "")
+    for key, f, v, owner in leaves(Config()):
+        ch = choices_of(f)
+        help_ = f.metadata.get("help", "") + (f" One of: {', '.join(ch)}." if ch else "")
+        tp = typing.get_type_hints(type(owner))[f.name]
+        rows.append((key, getattr(tp, "__name__", str(tp)), repr(v), help_))
     return rows

@@ -51,6 +51,7 @@ PAD, EOS, BOS = "<pad>", "</s>", "<s>"
 # Special tokens are given to the BPE trainer first, so their ids are fixed.
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 MAX_POSITIONS = 64
+DEFAULT_ERROR_RATE = 0.5
 
 
 # --------------------------------------------------------------------------
@@ -174,15 +175,50 @@ def _model_config(vocab_size: int) -> LlamaConfig:
     )
 
 
+# Error modes of the corrupted warm-start targets and their relative weights.
+ERROR_MODES = {"echo": 0.25, "ramble": 0.5, "drop": 0.25}
+
+
+def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str, str]:
+    """The warm-start target for ``digits`` and its mode (``"correct"`` or an
+    error mode of :data:`ERROR_MODES`).
+
+    With probability ``error_rate`` the target is wrong in one of three ways:
+
+    * ``echo``: the digits unreversed (same length); only drawn when that
+      differs from the reversal, otherwise another mode is used;
+    * ``ramble``: the reversal followed by a repeat of its last 1-4 digits
+      (longer);
+    * ``drop``: the reversal with one digit left out (shorter); only for two
+      or more digits.
+    """
+    answer = digits[::-1]
+    if rng.random() >= error_rate:
+        return answer, "correct"
+    modes = [m for m in ERROR_MODES
+             if not (m == "echo" and digits == answer) and not (m == "drop" and len(digits) < 2)]
+    mode = rng.choices(modes, weights=[ERROR_MODES[m] for m in modes])[0]
+    if mode == "echo":
+        return digits, mode
+    if mode == "ramble":
+        k = rng.randint(1, min(4, len(answer)))
+        return answer + answer[-k:], mode
+    i = rng.randrange(len(answer))
+    return answer[:i] + answer[i + 1:], mode
+
+
 def _training_batch(
-    tokenizer: PreTrainedTokenizerFast, rng: random.Random, batch_size: int, max_digits: int
+    tokenizer: PreTrainedTokenizerFast, rng: random.Random, batch_size: int, max_digits: int,
+    error_rate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fresh batch of (prompt + response) sequences, left-padded like at
-    generation time; the loss sees only response tokens and EOS."""
+    generation time; the loss sees only response tokens and EOS. Targets are
+    corrupted with probability ``error_rate`` (see :func:`sft_target`)."""
     seqs, labels = [], []
     for _ in range(batch_size):
         digits = _draw_digits(rng, 1, max_digits)
-        p, r = encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, digits[::-1])
+        target, _ = sft_target(digits, rng, error_rate)
+        p, r = encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, target)
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
     width = max(len(s) for s in seqs)
@@ -209,6 +245,7 @@ def build_demo_model(
     lr: float = 3e-3,
     batch_size: int = 64,
     max_digits: int = 8,
+    error_rate: float = DEFAULT_ERROR_RATE,
     log_every: int = 50,
 ) -> Path:
     """Build the tokenizer and a tiny Llama, warm-start it, save both to ``out_dir``.
@@ -238,7 +275,7 @@ def build_demo_model(
     rng = random.Random(seed + 10_007)  # training data stream, distinct from eval prompts
     t0, running = time.perf_counter(), 0.0
     for step in range(steps):
-        ids, mask, labels = _training_batch(tokenizer, rng, batch_size, max_digits)
+        ids, mask, labels = _training_batch(tokenizer, rng, batch_size, max_digits, error_rate)
         loss = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
