@@ -42,7 +42,7 @@ class DataConfig:
     prompt_column: str = _f("prompt", "Column holding the prompt text.")
     id_column: str = _f("prompt_id", "Column holding a unique prompt id; generated from the row "
                         "number when the dataset has no such column.")
-    prompts_per_iteration: int = _f(32, "Prompts drawn per iteration (cycling through the "
+    prompts_per_iteration: int = _f(128, "Prompts drawn per iteration (cycling through the "
                                     "shuffled dataset).")
     max_prompt_tokens: int = _f(64, "Longest prompt accepted, in tokens; longer prompts are an "
                                 "error naming the row.")
@@ -100,14 +100,15 @@ class UpdateConfig:
                             choices=("auto", "group", "batch", "none"))
     eps: float = _f(1e-4, "Added to the std before dividing.")
     delta_l_alpha: float = _f(1.0, "Exponent alpha of the delta_l aggregation.")
-    lr: float = _f(2e-3, "AdamW peak learning rate.")
+    lr: float = _f(5e-4, "AdamW peak learning rate (the default suits the demo's 165k-parameter "
+                   "model; LLMs want ~1e-6).")
     lr_schedule: str = _f("constant", "Learning-rate schedule over the whole run (iterations x "
                           "epochs x minibatches optimizer steps), after warmup.",
                           choices=("constant", "linear", "cosine"))
     warmup_steps: int = _f(0, "Optimizer steps of linear warmup from 0 to lr.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     epochs: int = _f(1, "Passes over the units per update stage.")
-    minibatches: int = _f(1, "Optimizer steps per epoch (the members are split evenly).")
+    minibatches: int = _f(4, "Optimizer steps per epoch (the members are split evenly).")
     micro_batch_size: int = _f(64, "Sequences per forward/backward (gradient accumulation).")
     clip_low: float = _f(0.2, "Lower clip range: ratio >= 1 - clip_low.")
     clip_high: float = _f(0.2, "Upper clip range: ratio <= 1 + clip_high (clip-higher when > "
@@ -130,7 +131,7 @@ class UpdateConfig:
 @dataclass
 class Config:
     seed: int = _f(0, "Seed of prompt order, sampling and training.")
-    iterations: int = _f(8, "Online iterations of generate -> score -> pair -> update.")
+    iterations: int = _f(10, "Online iterations of generate -> score -> pair -> update.")
     model: str = _f("demo", "Initial policy: `demo` (the shipped tiny model) or a local "
                     "Hugging Face model folder.")
     cache_dir: str = _f("", "Where stage outputs live, one folder per cache key; empty = "

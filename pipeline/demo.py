@@ -11,11 +11,35 @@ comparison, so rewards are unambiguous.
 
 The policy is a Llama-shaped causal LM small enough to ship inside the
 repository (well under 2 MB). It is built here from scratch: a byte-level BPE
-tokenizer in which every digit is its own token, and a short supervised warm
-start that is stopped early on purpose. The warm-started model solves the task
-only *sometimes* when sampling at temperature 1.0, and short numbers more
-often than long ones, which leaves RL room to improve and makes correctness
-correlate with length -- exactly the situation whose bias we want to measure.
+tokenizer in which every digit is its own token, and a supervised warm start.
+
+The warm start is designed so that RL has something it can fix in a few dozen
+steps. A model that simply lacks the skill (say, an SFT stopped early, which
+reverses short numbers and fails long ones) gives RL nothing to sharpen: a
+policy gradient cannot teach an 8-digit reversal in a few updates, and the
+negative gradients on failed long answers even hurt the short ones. So the SFT
+here runs long enough for the model to learn the reversal of every length
+(greedy decoding is ~95% correct for 1..8 digits), but on *corrupted* targets:
+with probability ``error_rate`` (0.6 by default) the target is wrong in one of
+these error modes (:data:`ERROR_MODES`, :func:`sft_target`):
+
+* ``ramble`` (60% of errors): the reversal followed by a repeat of its last
+  1-4 digits -- a *longer* wrong answer (``1284`` -> ``128484``);
+* ``drop`` (20%): the reversal with one digit left out -- *shorter*;
+* ``swap`` (20%): the reversal with one digit replaced -- the *same* length.
+
+The model learns this mixture of behaviours, so sampling at temperature 1.0
+it is right about half the time (~48%, fairly evenly over 1..8 digits), and
+each error comes from one wrong choice at one token -- another digit instead
+of EOS, a skipped or changed digit -- which RL learns to suppress quickly
+("sharpening"): with ``iterations=10 update.lr=5e-4 update.minibatches=4
+data.prompts_per_iteration=128`` the mean reward rises from ~0.47 to ~0.9.
+Because most errors are rambles, wrong responses are longer than right ones
+on average (~6.6 vs ~5.3 tokens with EOS), so correctness correlates with
+length -- exactly the situation whose bias we want to measure: a long wrong
+response's negative advantage is spread over more tokens than a short right
+response's positive one. (An ``echo`` mode, the digits unreversed, was tried
+and left out: mixing copy and reversal made the model's own errors dominate.)
 
 Conventions shared with the rest of the pipeline:
 
@@ -51,7 +75,7 @@ PAD, EOS, BOS = "<pad>", "</s>", "<s>"
 # Special tokens are given to the BPE trainer first, so their ids are fixed.
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 MAX_POSITIONS = 64
-DEFAULT_ERROR_RATE = 0.5
+DEFAULT_ERROR_RATE = 0.6
 
 
 # --------------------------------------------------------------------------
@@ -175,35 +199,34 @@ def _model_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-# Error modes of the corrupted warm-start targets and their relative weights.
-ERROR_MODES = {"echo": 0.25, "ramble": 0.5, "drop": 0.25}
+# Error modes of the corrupted warm-start targets (see sft_target) and their
+# relative weights: mostly longer than the answer, some shorter, some as long.
+ERROR_MODES = {"ramble": 0.6, "drop": 0.2, "swap": 0.2}
 
 
 def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str, str]:
-    """The warm-start target for ``digits`` and its mode (``"correct"`` or an
-    error mode of :data:`ERROR_MODES`).
+    """The warm-start target for ``digits`` and its mode: ``"correct"`` (the
+    reversal), or with probability ``error_rate`` one of :data:`ERROR_MODES`:
 
-    With probability ``error_rate`` the target is wrong in one of three ways:
-
-    * ``echo``: the digits unreversed (same length); only drawn when that
-      differs from the reversal, otherwise another mode is used;
-    * ``ramble``: the reversal followed by a repeat of its last 1-4 digits
-      (longer);
-    * ``drop``: the reversal with one digit left out (shorter); only for two
-      or more digits.
+    * ``ramble``: the reversal, then a repeat of its last 1-4 digits (longer);
+    * ``drop``: the reversal with one digit left out (shorter); a single digit
+      cannot be dropped, so there the target stays correct;
+    * ``swap``: the reversal with one digit replaced by another (same length).
     """
     answer = digits[::-1]
     if rng.random() >= error_rate:
         return answer, "correct"
-    modes = [m for m in ERROR_MODES
-             if not (m == "echo" and digits == answer) and not (m == "drop" and len(digits) < 2)]
+    modes = list(ERROR_MODES)
     mode = rng.choices(modes, weights=[ERROR_MODES[m] for m in modes])[0]
-    if mode == "echo":
-        return digits, mode
     if mode == "ramble":
         k = rng.randint(1, min(4, len(answer)))
         return answer + answer[-k:], mode
     i = rng.randrange(len(answer))
+    if mode == "swap":
+        other = rng.choice([d for d in "0123456789" if d != answer[i]])
+        return answer[:i] + other + answer[i + 1:], mode
+    if len(answer) < 2:
+        return answer, "correct"
     return answer[:i] + answer[i + 1:], mode
 
 
@@ -232,6 +255,12 @@ def _training_batch(
     return ids, mask, lab
 
 
+def _max_new_tokens(max_digits: int) -> int:
+    # Room for the longest rambling answer (max_digits + 4 digits, EOS) and a
+    # few more; 16 for 8 digits, as the pipeline's generate.max_new_tokens.
+    return max_digits + 8
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     # Positions count from the first real token, as `generate` does with left padding.
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -242,7 +271,7 @@ def build_demo_model(
     *,
     steps: int,
     seed: int = 0,
-    lr: float = 3e-3,
+    lr: float = 6e-3,
     batch_size: int = 64,
     max_digits: int = 8,
     error_rate: float = DEFAULT_ERROR_RATE,
@@ -251,11 +280,13 @@ def build_demo_model(
     """Build the tokenizer and a tiny Llama, warm-start it, save both to ``out_dir``.
 
     The warm start is plain next-token cross-entropy on the response tokens
-    and EOS of freshly sampled examples, AdamW with a short linear warmup and
-    cosine decay. Its length (``steps``) is the knob that sets how good the
-    starting policy is; the default used for the shipped checkpoint (see
-    ``__main__``) is tuned to land at partial accuracy. Deterministic given
-    ``seed`` (on a fixed thread count).
+    and EOS of freshly sampled examples whose targets are corrupted with
+    probability ``error_rate`` (see :func:`sft_target` and the module
+    docstring), AdamW with a short linear warmup and cosine decay. ``steps``
+    should be long enough for the model to learn the reversal itself
+    (:data:`DEFAULT_STEPS`, ~2.5 minutes on 2 CPU threads); ``error_rate``
+    then sets how often the sampled policy is right. Deterministic given the
+    arguments (on a fixed thread count: the build uses 2).
     """
     torch.set_num_threads(2)
     torch.manual_seed(seed)
@@ -291,7 +322,8 @@ def build_demo_model(
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_digits + 4,
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        max_new_tokens=_max_new_tokens(max_digits),
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -332,7 +364,7 @@ def evaluate(
         )
         out = model.generate(
             **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-            max_new_tokens=max_digits + 4, num_return_sequences=samples,
+            max_new_tokens=_max_new_tokens(max_digits), num_return_sequences=samples,
         )
         gen = out[:, batch["input_ids"].shape[1]:].tolist()
         for i, toks in enumerate(gen):
@@ -360,7 +392,7 @@ def evaluate(
 # CLI
 # --------------------------------------------------------------------------
 
-DEFAULT_STEPS = 325
+DEFAULT_STEPS = 2000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", type=Path, default=demo_model_dir())
     b.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--error-rate", type=float, default=DEFAULT_ERROR_RATE)
     e = sub.add_parser("eval", help="sampled accuracy of a model directory")
     e.add_argument("model_dir", type=Path, nargs="?", default=demo_model_dir())
     e.add_argument("--n-prompts", type=int, default=256)
@@ -379,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cmd == "build":
         t0 = time.perf_counter()
-        path = build_demo_model(args.out, steps=args.steps, seed=args.seed)
+        path = build_demo_model(
+            args.out, steps=args.steps, seed=args.seed, error_rate=args.error_rate)
         print(f"saved {path} in {time.perf_counter() - t0:.1f}s")
     else:
         res = evaluate(args.model_dir, args.n_prompts, args.samples, args.temperature, args.seed)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.demo import (
     BOS_ID,
     EOS_ID,
+    ERROR_MODES,
     PAD_ID,
     build_demo_model,
     build_tokenizer,
@@ -21,6 +22,7 @@ from pipeline.demo import (
     evaluate,
     is_correct,
     make_demo_prompts,
+    sft_target,
 )
 
 
@@ -91,14 +93,48 @@ def test_shipped_checkpoint_loads_and_matches_the_tokenizer(tok):
     assert json.loads((d / "config.json").read_text())["model_type"] == "llama"
 
 
-def test_shipped_checkpoint_solves_the_task_sometimes():
-    # Loose band: the shipped model is ~45% accurate at temperature 1 (see the
-    # module docstring); RL needs it neither hopeless nor already solved.
+def test_shipped_checkpoint_solves_the_task_sometimes_at_every_length():
+    # The shipped model is ~48% accurate at temperature 1, evenly over digit
+    # counts, and wrong answers are longer (see the module docstring); RL needs
+    # it neither hopeless nor already solved.
     r = evaluate(demo_model_dir(), n_prompts=96, samples=2, seed=1)
-    assert 0.2 < r["accuracy"] < 0.8
-    by = r["accuracy_by_digits"]
-    assert by[1] > 0.8 and by[8] < 0.5 and by[1] > by[8]
-    assert r["mean_len_correct"] < r["mean_len_incorrect"]
+    assert 0.3 < r["accuracy"] < 0.65
+    assert all(0.2 < a < 0.8 for a in r["accuracy_by_digits"].values()), r["accuracy_by_digits"]
+    assert r["mean_len_correct"] + 0.5 < r["mean_len_incorrect"]
+
+
+def test_shipped_checkpoint_has_the_skill_when_decoding_greedily():
+    # Its errors are sampled behaviours, not a missing skill: the most likely
+    # answer is the reversal, for long numbers too.
+    r = evaluate(demo_model_dir(), n_prompts=96, samples=1, seed=2, temperature=1e-4)
+    assert r["accuracy"] > 0.85
+    assert min(r["accuracy_by_digits"].values()) > 0.6, r["accuracy_by_digits"]
+
+
+def test_sft_targets_mix_the_reversal_with_the_error_modes():
+    import random
+
+    assert sft_target("4821", random.Random(0), 0.0) == ("1284", "correct")
+    rng, seen = random.Random(0), {}
+    for _ in range(4000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 8)))
+        answer = digits[::-1]
+        target, mode = sft_target(digits, rng, 0.6)
+        seen[mode] = seen.get(mode, 0) + 1
+        if mode == "correct":
+            assert target == answer
+        elif mode == "ramble":
+            extra = target[len(answer):]
+            assert target.startswith(answer) and 1 <= len(extra) <= 4 and answer.endswith(extra)
+        elif mode == "drop":
+            assert len(target) == len(answer) - 1 >= 1
+            assert any(answer[:i] + answer[i + 1:] == target for i in range(len(answer)))
+        else:
+            assert mode == "swap" and len(target) == len(answer)
+            assert sum(a != b for a, b in zip(target, answer)) == 1
+    assert set(seen) == {"correct", *ERROR_MODES}
+    assert 0.35 < seen["correct"] / 4000 < 0.45  # 0.4, plus single-digit drops kept correct
+    assert seen["ramble"] > seen["drop"] + seen["swap"] > 0
 
 
 def test_build_demo_model_writes_a_loadable_deterministic_checkpoint(tmp_path, capsys):
