@@ -31,7 +31,8 @@ def _quiet_hf() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _threads() -> None:
+def _runtime() -> None:
+    """Quiet HF progress bars and size torch's thread pool, before any stage runs."""
     _quiet_hf()
     import torch
     # One core is left to Prefect's API client and server: with every core given to
@@ -48,7 +49,7 @@ def cmd_run(args) -> int:
         cfg = config.apply(cfg, overrides=[f"iterations={args.iterations}"])
     run_dir = Path(args.run_dir).resolve()
     _prefect_env()
-    _threads()
+    _runtime()
     from flows.online import online
     report.console.print(f"EqLen run -> {run_dir}  ({cfg.iterations} iterations, strategy "
                          f"{cfg.pair.strategy}, {cfg.update.algorithm}/{cfg.update.loss_agg})")
@@ -65,7 +66,7 @@ def cmd_stage(args) -> int:
     run_dir = Path(args.run_dir).resolve()
     rec = runner.RunRecord(run_dir)
     cfg = config.load(None, args.set, base=rec.config())
-    _threads()
+    _runtime()
     inputs = runner.resolve_inputs(args.name, cfg, run_dir, args.iteration)
     res = runner.run_stage(args.name, cfg, run_dir, args.iteration, inputs, force=args.force)
     state = "served from cache" if res.cached else f"ran in {res.seconds:.1f}s"

@@ -50,7 +50,9 @@ def key_config(cfg: Config, iteration: int) -> dict:
 
 
 def select_prompts(table: pa.Table, n: int, iteration: int, seed: int) -> pa.Table:
-    """This iteration's prompts: positions [i*n, (i+1)*n) of a seeded shuffle, cycling."""
+    """This iteration's prompts: positions [i*n, (i+1)*n) of a seeded shuffle, cycling.
+    At most every prompt once per iteration (a prompt twice would merge two groups)."""
+    n = min(n, table.num_rows)
     order = np.random.default_rng(seed).permutation(table.num_rows)
     take = order[(np.arange(n) + iteration * n) % table.num_rows]
     return table.take(pa.array(take))
@@ -62,9 +64,8 @@ def hf_generate(policy_dir: Path, prompt_ids: list[list[int]], cfg: Config, ctx,
     g = cfg.generate
     device = resolve_device(g.device)
     model = load_policy(policy_dir, device)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
-    if device.type == "cuda":
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
+    # The sampler draws on the model's device; one seeded stream per (seed, iteration).
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
     per_chunk = max(1, g.batch_tracks // g.group_size)
     tracks, totals = [], hf_engine.Stats()
     for start in range(0, len(prompt_ids), per_chunk):

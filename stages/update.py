@@ -20,8 +20,9 @@ are not forwarded, but still counted in the normalisers, so nobody else's weight
 Writes `model/` (Hugging Face checkpoint + tokenizer, `from_pretrained` loads it) with
 `optimizer.pt` and `trainer_state.json` (global step), `metrics.parquet` (one row per
 optimizer step), and `token_weights.parquet`: per member, on the first epoch, the
-advantage used, the aggregation weight w[b,t] and the exact per-token gradient weight
-d loss / d logp[b,t] — the length diagnostics, open to independent recomputation.
+mini-batch it fell in, the advantage used, the aggregation weight w[b,t] and the exact
+per-token gradient weight d loss / d logp[b,t] — the length diagnostics, open to
+independent recomputation.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         step0 = json.loads((inputs["policy"] / STATE_FILE).read_text())["global_step"]
 
     rng = np.random.default_rng(cfg.seed * 7919 + ctx.iteration)
-    steps, record, t0 = [], [], time.perf_counter()
+    steps, record, minibatch_of, t0 = [], [], {}, time.perf_counter()
     tokens = 0
     for epoch in range(u.epochs):
         for mbi, mb in enumerate(np.array_split(rng.permutation(n), min(u.minibatches, n))):
@@ -264,6 +265,8 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
             opt.zero_grad(set_to_none=True)
             st = minibatch_backward(model, cols, mb, cfg, tokenizer.pad_token_id, device,
                                     ref_model=ref_model, record=record if epoch == 0 else None)
+            if epoch == 0:
+                minibatch_of.update({int(i): mbi for i in mb})
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), u.max_grad_norm if u.max_grad_norm > 0 else float("inf"))
             opt.step()
@@ -286,6 +289,8 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "unit_id": [cols["unit_id"][i] for i, _, _ in record],
         "track_id": [cols["track_id"][i] for i, _, _ in record],
         "member": [cols["member"][i] for i, _, _ in record],
+        "minibatch": [minibatch_of[i] for i, _, _ in record],
+        "forwarded": [not cols.get("skip", [False] * n)[i] for i, _, _ in record],
         "segment_len": [cols["segment_len"][i] for i, _, _ in record],
         "response_len": [cols["response_len"][i] for i, _, _ in record],
         "reward": [cols["reward"][i] for i, _, _ in record],

@@ -174,3 +174,26 @@ def test_every_algorithm_and_loss_agg_runs_from_the_cli(make_cfg, policy_dir, tm
     assert len(keys) == len(losses.ALGORITHMS.names()) * len(losses.LOSS_AGGS.names())
     rc = main(["stage", "update", "--run-dir", str(tmp_path), "--set", "update.loss_agg=median"])
     assert rc == 2 and "valid values: seq_mean_token_mean" in capsys.readouterr().err
+
+
+def test_reported_token_weights_recompute_independently(make_cfg, policy_dir, tmp_path):
+    """From token_weights.parquet alone: per mini-batch, seq_mean_token_mean's weight is
+    1 / (B |o_b|); in the first mini-batch the policy is still the sampling one (ratio 1,
+    no clipping), so grad_weight = -A * w there (later ones carry the ratio too)."""
+    import numpy as np
+
+    cfg = make_cfg(f"model={policy_dir}", "iterations=1", "update.minibatches=2",
+                   "update.skip_zero_signal=false")
+    h = run_online(cfg, tmp_path)[0]
+    tw = pq.read_table(Path(h["update"].path) / "token_weights.parquet").to_pylist()
+    assert {r["minibatch"] for r in tw} == {0, 1}
+    for mb in (0, 1):
+        rows = [r for r in tw if r["minibatch"] == mb]
+        B = sum(any(r["loss_mask"]) for r in rows)
+        for r in rows:
+            n = sum(r["loss_mask"])
+            expect = [1 / (B * n) if m else 0.0 for m in r["loss_mask"]]
+            np.testing.assert_allclose(r["agg_weight"], expect, rtol=1e-6)
+            if mb == 0:
+                np.testing.assert_allclose(r["grad_weight"], -r["advantage"] * np.array(expect),
+                                           rtol=1e-3, atol=1e-7)

@@ -127,3 +127,15 @@ def test_tokenizer_without_eos_is_rejected(tmp_path, policy_dir):
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
     tok = load_tokenizer(d)
     assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_prompt_selection_cycles_without_repeating_a_prompt_in_an_iteration():
+    t = pa.table({"prompt_id": [f"p{i}" for i in range(5)], "prompt": ["x"] * 5})
+    seen = []
+    for it in range(5):
+        ids = generate.select_prompts(t, 2, it, seed=0).column("prompt_id").to_pylist()
+        assert len(set(ids)) == 2
+        seen += ids
+    assert sorted(set(seen)) == [f"p{i}" for i in range(5)]  # the shuffle is cycled through
+    assert sorted(generate.select_prompts(t, 9, 0, seed=0).column("prompt_id").to_pylist()) == \
+        [f"p{i}" for i in range(5)]
