@@ -4,6 +4,7 @@
     eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]
     eqlen show  DIR [--json]
     eqlen plot  DIR [--out PNG]
+    eqlen experiment [--out DIR] [--methods a,b] [--seeds 0,1,2] [--set KEY=VALUE ...]
     eqlen config            (every config key with its type, default and meaning)
 """
 
@@ -87,6 +88,16 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from pipeline.experiment import METHODS, run_experiment
+    _runtime()
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    run_experiment(args.out, methods=methods, seeds=seeds, base=args.set,
+                   config_file=args.config)
+    return 0
+
+
 def cmd_config(args) -> int:
     from pipeline.config import describe
     for key, tp, default, help_ in describe():
@@ -124,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir")
     pl.add_argument("--out", help="PNG path (default DIR/progress.png)")
     pl.set_defaults(fn=cmd_plot)
+
+    e = sub.add_parser("experiment", help="baselines and EqLen on the same task, seeds, budget")
+    e.add_argument("--out", default="runs/experiment", help="output folder (results.md, runs/)")
+    e.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    e.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    e.add_argument("--config", help="YAML base config")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.set_defaults(fn=cmd_experiment)
 
     c = sub.add_parser("config", help="list every config key")
     c.set_defaults(fn=cmd_config)

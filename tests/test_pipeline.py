@@ -197,3 +197,24 @@ def test_reported_token_weights_recompute_independently(make_cfg, policy_dir, tm
             if mb == 0:
                 np.testing.assert_allclose(r["grad_weight"], -r["advantage"] * np.array(expect),
                                            rtol=1e-3, atol=1e-7)
+
+
+def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
+    from pipeline.experiment import run_experiment
+
+    base = [f"model={policy_dir}", "data.demo_size=64", "data.prompts_per_iteration=4",
+            "generate.group_size=4", "generate.max_new_tokens=8", "iterations=2"]
+    res = run_experiment(tmp_path, methods=["grpo", "dapo", "eqlen_rloo"], seeds=[0, 1],
+                         base=base)
+    assert [(r["method"], r["seed"]) for r in res] == [
+        (m, s) for m in ("grpo", "dapo", "eqlen_rloo") for s in (0, 1)]
+    # dapo starts from grpo's iteration-0 rollouts, scores and units (same keys, cached).
+    g = RunRecord(tmp_path / "runs" / "grpo-s0").load()["iterations"][0]["stages"]
+    d = RunRecord(tmp_path / "runs" / "dapo-s0").load()["iterations"][0]["stages"]
+    for stage in ("generate", "score", "pair"):
+        assert d[stage]["key"] == g[stage]["key"] and d[stage]["cached"]
+    assert d["update"]["key"] != g["update"]["key"]
+    text = (tmp_path / "results.md").read_text()
+    for m in ("grpo", "dapo", "eqlen_rloo"):
+        assert f"| {m} |" in text
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"

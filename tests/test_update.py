@@ -213,3 +213,18 @@ def test_zero_signal_units_are_skipped_without_moving_anyone_elses_weight(random
     torch.testing.assert_close(out[0], out[1])
     assert recs[0] == recs[1]
     assert st["forwarded"] == 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(random_model_dir):
+    cols = random_cols(4)
+    cfg = config.load(None, ["update.micro_batch_size=2"])
+    out = []
+    for ckpt in (False, True):
+        model = load_policy(random_model_dir, torch.device("cpu"))
+        if ckpt:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        model.train()
+        minibatch_backward(model, cols, np.arange(4), cfg, 0, "cpu")
+        out.append(grads(model))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-6)
