@@ -44,9 +44,11 @@ import pyarrow.parquet as pq
 import schemas
 from pipeline.config import Config
 from pipeline.registry import Registry
+from stages.losses import ADVANTAGES
 
 NAME, VERSION = "pair", 1
 INPUTS = ("scored",)
+CODE_DEPS = (str(Path(__file__).with_name("losses.py")),)
 STRATEGIES: Registry = Registry("pair strategy", "pair.strategy")
 
 
@@ -58,16 +60,8 @@ def key_config(cfg: Config, iteration: int) -> dict:
     return {"pair": vars(cfg.pair)}
 
 
-def group_advantages(rewards: np.ndarray, scale: str, eps: float) -> np.ndarray:
-    """GRPO: A_i = (R_i - mean(R)) / (std(R) + eps), std unbiased; scale='none' skips /std."""
-    centred = rewards - rewards.mean()
-    if scale == "none" or len(rewards) < 2:
-        return centred
-    return centred / (rewards.std(ddof=1) + eps)
-
-
 def member(unit_id: int, strategy: str, rnd: int, idx: int, size: int, row: dict, offset: int,
-           length: int, reward: float, advantage: float) -> dict:
+           length: int, reward: float) -> dict:
     """One units row: the segment response_ids[offset:offset+length] of the track in `row`."""
     resp = row["response_ids"]
     return {
@@ -78,7 +72,7 @@ def member(unit_id: int, strategy: str, rnd: int, idx: int, size: int, row: dict
         "segment_ids": list(resp[offset:offset + length]),
         "old_logprobs": list(row["logprobs"][offset:offset + length]),
         "loss_mask": [True] * length,
-        "reward": float(reward), "advantage": float(advantage),
+        "reward": float(reward), "advantage": 0.0,  # set by default_advantages
         "response_len": len(resp), "finish_reason": row["finish_reason"],
     }
 
@@ -92,24 +86,10 @@ def group_units(rows: list[dict], cfg: Config) -> list[dict]:
     out = []
     for unit_id, (_, members) in enumerate(sorted(by_prompt.items())):
         members.sort(key=lambda r: r["track_id"])
-        rewards = np.array([m["reward"] for m in members])
-        adv = group_advantages(rewards, cfg.pair.scale_rewards, cfg.pair.eps)
-        for i, (m, a) in enumerate(zip(members, adv)):
+        for i, m in enumerate(members):
             out.append(member(unit_id, "group", 0, i, len(members), m, 0,
-                              len(m["response_ids"]), m["reward"], a))
+                              len(m["response_ids"]), m["reward"]))
     return out
-
-
-def _prompt_scales(rows: list[dict], cfg: Config) -> dict[str, float]:
-    """Per prompt: the divisor of pair differences (std of its round-0 rewards + eps, or 1)."""
-    rewards: dict[str, list[float]] = {}
-    for r in rows:
-        if r["birth_round"] == 0:
-            rewards.setdefault(r["prompt_id"], []).append(r["reward"])
-    if cfg.pair.scale_rewards == "none":
-        return {k: 1.0 for k in rewards}
-    return {k: (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) + cfg.pair.eps
-            for k, v in rewards.items()}
 
 
 def _pairs(rows: list[dict]) -> list[list[dict]]:
@@ -120,25 +100,24 @@ def _pairs(rows: list[dict]) -> list[list[dict]]:
 
 
 def _pair_unit(unit_id: int, strategy: str, rnd: int, a: dict, b: dict, offset: int,
-               length: int, scale: float) -> list[dict]:
-    diff = (a["reward"] - b["reward"]) / scale
-    return [member(unit_id, strategy, rnd, 0, 2, a, offset, length, a["reward"], diff),
-            member(unit_id, strategy, rnd, 1, 2, b, offset, length, b["reward"], -diff)]
+               length: int) -> list[dict]:
+    return [member(unit_id, strategy, rnd, 0, 2, a, offset, length, a["reward"]),
+            member(unit_id, strategy, rnd, 1, 2, b, offset, length, b["reward"])]
 
 
 @STRATEGIES.register("truncate")
 def truncate_units(rows: list[dict], cfg: Config) -> list[dict]:
-    scales, out = _prompt_scales(rows, cfg), []
+    out = []
     for tracks in _pairs(rows):
         a, b = [t for t in tracks if t["birth_round"] == 0]
         m = min(len(a["response_ids"]), len(b["response_ids"]))
-        out += _pair_unit(len(out) // 2, "truncate", 0, a, b, 0, m, scales[a["prompt_id"]])
+        out += _pair_unit(len(out) // 2, "truncate", 0, a, b, 0, m)
     return out
 
 
 @STRATEGIES.register("eqlen")
 def eqlen_units(rows: list[dict], cfg: Config) -> list[dict]:
-    scales, out = _prompt_scales(rows, cfg), []
+    out = []
     for tracks in _pairs(rows):
         born = {(t["birth_round"], t["parent_track_id"]): t for t in tracks if t["birth_round"]}
         a, b = [t for t in tracks if t["birth_round"] == 0]
@@ -146,8 +125,7 @@ def eqlen_units(rows: list[dict], cfg: Config) -> list[dict]:
         while True:
             la, lb = len(a["response_ids"]), len(b["response_ids"])
             m = min(la, lb) - offset
-            out += _pair_unit(len(out) // 2, "eqlen", rnd, a, b, offset, m,
-                              scales[a["prompt_id"]])
+            out += _pair_unit(len(out) // 2, "eqlen", rnd, a, b, offset, m)
             if la == lb:
                 break  # both ended on the same step: the pair is done
             survivor = a if la > lb else b
@@ -161,6 +139,23 @@ def eqlen_units(rows: list[dict], cfg: Config) -> list[dict]:
                     f"inherited at offset {offset}; the rollouts' lineage is inconsistent")
             a, b, rnd = survivor, newcomer, rnd + 1
     return out
+
+
+def build_units(rows: list[dict], cfg: Config) -> list[dict]:
+    """The strategy's units with their default advantage: the `grpo` estimator of
+    stages/losses.py (group form for `group`, pair form for `truncate`/`eqlen`), scaled as
+    `pair.scale_rewards` says."""
+    units = STRATEGIES.get(cfg.pair.strategy)(rows, cfg)
+    if units:
+        col = {k: np.array([u[k] for u in units]) for k in
+               ("reward", "unit_id", "prompt_id", "round", "strategy", "unit_size")}
+        pair_unit = (col["unit_size"] == 2) & np.isin(col["strategy"], ["truncate", "eqlen"])
+        adv = ADVANTAGES.get("grpo")(col["reward"], col["unit_id"], col["prompt_id"],
+                                     col["round"], pair_unit, scale=cfg.pair.scale_rewards,
+                                     eps=cfg.pair.eps)
+        for u, a in zip(units, adv):
+            u["advantage"] = float(a)
+    return units
 
 
 def summarize(units: list[dict], rows: list[dict]) -> dict:
@@ -183,7 +178,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     path = inputs["scored"] / "scored.parquet"
     table = schemas.validate(pq.read_table(path), schemas.SCORED, path)
     rows = table.select([c.name for c in schemas.SCORED.columns]).to_pylist()
-    units = STRATEGIES.get(cfg.pair.strategy)(rows, cfg)
+    units = build_units(rows, cfg)
     out_path = out_dir / "units.parquet"
     if not units:
         raise schemas.SchemaError(f"file {path}: strategy {cfg.pair.strategy!r} built no units "

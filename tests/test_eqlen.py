@@ -81,11 +81,11 @@ def test_engine_and_strategies_keep_invariants(n_prompts, half_group, rounds, ma
 
     for name in ("group", "truncate", "eqlen"):
         cfg = cfg_with(f"pair.strategy={name}")
-        units = pair.STRATEGIES.get(name)(rows, cfg)
+        units = pair.build_units(rows, cfg)
         check_units(rows, units, pair.summarize(units, rows), strategy=name)
 
     # EqLen leaves untrained only the survivor's tail once the round budget is spent.
-    units = pair.eqlen_units(rows, cfg_with())
+    units = pair.build_units(rows, cfg_with("pair.strategy=eqlen"))
     trained = {}
     for u in units:
         trained.setdefault(u["track_id"], set()).update(range(u["offset"], u["offset"] + u["segment_len"]))
@@ -116,7 +116,7 @@ def R(track_id, pair_id, resp, reward, parent=None, birth=0, own=0, prompt="a"):
 
 def test_both_tracks_end_on_the_same_step_gives_one_unit():
     rows = [R(0, 0, [3, 4, EOS], 1.0), R(1, 0, [4, 3, EOS], 0.0)]
-    units = pair.eqlen_units(rows, cfg_with("pair.scale_rewards=none"))
+    units = pair.build_units(rows, cfg_with("pair.strategy=eqlen", "pair.scale_rewards=none"))
     assert len(units) == 2 and {u["segment_len"] for u in units} == {3}
     assert [u["advantage"] for u in units] == [1.0, -1.0]
     check_units(rows, units, pair.summarize(units, rows), strategy="eqlen")
@@ -129,7 +129,7 @@ def test_first_token_end_then_inheritance_and_budget_spent():
     Units: (0:[EOS] vs 1:[3]) , (1:[4,5] vs 2:[5,EOS]).  trained 1+1+2+2 = 6 of 1+5+2 = 8."""
     rows = [R(0, 0, [EOS], 0.0), R(1, 0, [3, 4, 5, 6, EOS], 1.0),
             R(2, 0, [3, 5, EOS], 0.0, parent=1, birth=1, own=1)]
-    units = pair.eqlen_units(rows, cfg_with("pair.scale_rewards=none"))
+    units = pair.build_units(rows, cfg_with("pair.strategy=eqlen", "pair.scale_rewards=none"))
     segs = [(u["track_id"], u["offset"], u["segment_ids"], u["round"]) for u in units]
     assert segs == [(0, 0, [EOS], 0), (1, 0, [3], 0), (1, 1, [4, 5], 1), (2, 1, [5, EOS], 1)]
     assert units[2]["context_ids"] == units[3]["context_ids"] == [7, 8, 3]
@@ -138,7 +138,7 @@ def test_first_token_end_then_inheritance_and_budget_spent():
     assert (m["tokens_in_units"], m["tokens_generated"]) == (6, 8)
     assert m["effective_token_ratio"] == pytest.approx(0.75)
     check_units(rows, units, m, strategy="eqlen")
-    t = pair.truncate_units(rows, cfg_with())
+    t = pair.build_units(rows, cfg_with("pair.strategy=truncate"))
     assert [u["segment_len"] for u in t] == [1, 1]
 
 
@@ -147,7 +147,7 @@ def test_track_reaching_max_new_tokens_and_equal_rewards_carry_no_signal():
     advantage, counted as zero-signal units, still kept."""
     rows = [R(0, 0, [3, EOS], 1.0), R(1, 0, [3, 4, 5, 6], 1.0),
             R(2, 0, [3, 4, 5, EOS], 1.0, parent=1, birth=1, own=2)]
-    units = pair.eqlen_units(rows, cfg_with())
+    units = pair.build_units(rows, cfg_with("pair.strategy=eqlen"))
     assert all(u["advantage"] == 0.0 for u in units)
     m = pair.summarize(units, rows)
     assert m["units"] == 2 and m["zero_signal_units"] == 2
@@ -160,15 +160,18 @@ def test_grpo_scaling_by_prompt_reward_std():
     +-(1 - 0) / (0.5 + 1e-4)."""
     rows = [R(0, 0, [3, EOS], 1.0), R(1, 0, [4, EOS], 0.0),
             R(2, 1, [3, EOS], 1.0), R(3, 1, [3, EOS], 1.0)]
-    units = pair.eqlen_units(rows, cfg_with())
+    units = pair.build_units(rows, cfg_with("pair.strategy=eqlen"))
     assert units[0]["advantage"] == pytest.approx(1 / 0.5001)
     assert units[1]["advantage"] == pytest.approx(-1 / 0.5001)
     assert units[2]["advantage"] == units[3]["advantage"] == 0.0
 
 
 def test_group_advantages_by_hand():
-    """Rewards 1, 0, 0, 1: mean 0.5, unbiased std = sqrt(1/3) = 0.57735;
-    A = +-0.5 / (0.57735 + 1e-4) = +-0.86588."""
-    a = pair.group_advantages(np.array([1.0, 0.0, 0.0, 1.0]), "group", 1e-4)
-    assert a == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588], abs=1e-4)
-    assert pair.group_advantages(np.array([1.0, 0.0]), "none", 1e-4) == pytest.approx([0.5, -0.5])
+    """Group rewards 1, 0, 0, 1: mean 0.5, unbiased std = sqrt(1/3) = 0.57735;
+    A = +-0.5 / (0.57735 + 1e-4) = +-0.86588; with scale_rewards=none: +-0.5."""
+    rows = [R(i, i // 2, [3, EOS], r) for i, r in enumerate([1.0, 0.0, 0.0, 1.0])]
+    units = pair.build_units(rows, cfg_with("pair.strategy=group"))
+    assert [u["advantage"] for u in units] == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588],
+                                                            abs=1e-4)
+    units = pair.build_units(rows, cfg_with("pair.strategy=group", "pair.scale_rewards=none"))
+    assert [u["advantage"] for u in units] == pytest.approx([0.5, -0.5, -0.5, 0.5])
