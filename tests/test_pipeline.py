@@ -218,3 +218,15 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     for m in ("grpo", "dapo", "eqlen_rloo"):
         assert f"| {m} |" in text
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kl_to_the_initial_policy(make_cfg, policy_dir, tmp_path):
+    """beta > 0 loads the initial policy as reference: KL is 0 on the first mini-batch (same
+    weights) and positive once the policy has moved; zero-signal members are forwarded."""
+    cfg = make_cfg(f"model={policy_dir}", "iterations=1", "update.beta=0.1",
+                   "update.minibatches=2", "update.lr=5e-3")
+    h = run_online(cfg, tmp_path)[0]
+    steps = pq.read_table(Path(h["update"].path) / "metrics.parquet").to_pylist()
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert steps[1]["kl"] > 0
+    assert h["update"].metrics["skipped_members"] == 0
