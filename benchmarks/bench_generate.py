@@ -75,11 +75,7 @@ def main() -> None:
                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                 generator=torch.Generator().manual_seed(s))
             dt = time.perf_counter() - t0
-            rows = [dict(prompt_id=str(t.prompt_index), prompt_ids=prompts[t.prompt_index],
-                         pair_id=t.pair_id, track_id=t.track_id,
-                         parent_track_id=t.parent_track_id, birth_round=t.birth_round,
-                         own_start=t.own_start, response_ids=t.response_ids, logprobs=t.logprobs,
-                         finish_reason=t.finish_reason, reward=0.0) for t in tracks]
+            rows = [dict(t.row(prompts), reward=0.0) for t in tracks]
             m = pair.summarize(pair.eqlen_units(rows, cfg), rows)
             saved = sum(len(prompts[t.prompt_index]) + t.own_start for t in tracks
                         if t.parent_track_id is not None)

@@ -210,7 +210,7 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int) 
     if name == "generate":
         inputs["prompts"] = Ref(**rec.entry(iteration, "generate")["inputs"]["prompts"])
     for k, ref in inputs.items():
-        if cache.lookup(Path(ref.path)) is None and not Path(ref.path).exists():
+        if not Path(ref.path).exists():
             raise RunError(f"input '{k}' of stage {name} (iteration {iteration}) at {ref.path} "
                            "is gone; rerun the stage that wrote it")
     return inputs

@@ -28,7 +28,7 @@ import torch
 
 import schemas
 from pipeline.config import Config
-from pipeline.models import load_policy, resolve_device
+from pipeline.models import load_policy, load_tokenizer, resolve_device
 from pipeline.registry import Registry
 from stages import hf_engine
 
@@ -87,8 +87,6 @@ def hf_generate(policy_dir: Path, prompt_ids: list[list[int]], cfg: Config, ctx,
 
 
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
-    from pipeline.models import load_tokenizer
-
     prompts_file = inputs["prompts"] / "prompts.parquet"
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
     batch = select_prompts(prompts, cfg.data.prompts_per_iteration, ctx.iteration, cfg.seed)

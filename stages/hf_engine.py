@@ -41,6 +41,15 @@ class Track:
     finish_reason: str = ""
 
 
+    def row(self, prompt_ids: list[list[int]]) -> dict:
+        """The track as a rollouts-style dict (lineage, ids, log-probs), keyed by prompt index."""
+        return {"prompt_id": str(self.prompt_index), "prompt_ids": prompt_ids[self.prompt_index],
+                "pair_id": self.pair_id, "track_id": self.track_id,
+                "parent_track_id": self.parent_track_id, "birth_round": self.birth_round,
+                "own_start": self.own_start, "response_ids": self.response_ids,
+                "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+
+
 @dataclass
 class Stats:
     steps: int = 0

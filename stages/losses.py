@@ -170,7 +170,7 @@ def k3_kl(logp, ref_logp) -> torch.Tensor:
 # get the pair forms of DESIGN.md section 2.
 
 
-def _prompt_std(rewards, prompt_id, round_, unit_id, pair_unit) -> dict:
+def _prompt_std(rewards, prompt_id, round_, pair_unit) -> dict:
     """Std (unbiased) of each prompt's independent rewards: the members of its round-0 units."""
     out = {}
     for p in np.unique(prompt_id):
@@ -184,7 +184,7 @@ def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo
     rewards = np.asarray(rewards, dtype=np.float64)
     adv = np.zeros_like(rewards)
     batch_std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
-    pstd = _prompt_std(rewards, prompt_id, round_, unit_id, pair_unit)
+    pstd = _prompt_std(rewards, prompt_id, round_, pair_unit)
     for u in np.unique(unit_id):
         idx = np.flatnonzero(unit_id == u)
         r = rewards[idx]

@@ -45,7 +45,7 @@ def key_config(cfg: Config, iteration: int) -> dict:
     return {"score": vars(cfg.score), "reward_code": funcs}
 
 
-def _answers(columns: dict, n: int) -> list[str]:
+def _answers(columns: dict) -> list[str]:
     if "answer" not in columns:
         raise ValueError("needs an 'answer' column in the prompt dataset (the reference answer)")
     return [str(a).strip() for a in columns["answer"]]
@@ -53,7 +53,7 @@ def _answers(columns: dict, n: int) -> list[str]:
 
 @REWARDS.register("exact_match")
 def exact_match(completions: list[str], **columns) -> list[float]:
-    answers = _answers(columns, len(completions))
+    answers = _answers(columns)
     return [float(c.strip() == a) for c, a in zip(completions, answers)]
 
 
@@ -62,7 +62,7 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 @REWARDS.register("numeric_match")
 def numeric_match(completions: list[str], **columns) -> list[float]:
-    answers = _answers(columns, len(completions))
+    answers = _answers(columns)
     out = []
     for c, a in zip(completions, answers):
         found = _NUMBER.findall(c.replace(",", ""))

@@ -28,10 +28,7 @@ def sample(lm, n_prompts, rounds, temperature=1.0, seed=0, max_new=12, group=8):
 
 
 def rows_of(prompts, tracks):
-    return [dict(prompt_id=str(t.prompt_index), prompt_ids=prompts[t.prompt_index],
-                 pair_id=t.pair_id, track_id=t.track_id, parent_track_id=t.parent_track_id,
-                 birth_round=t.birth_round, own_start=t.own_start, response_ids=t.response_ids,
-                 logprobs=t.logprobs, finish_reason=t.finish_reason) for t in tracks]
+    return [t.row(prompts) for t in tracks]
 
 
 def test_kv_copy_logprobs_match_recomputing_the_prefix(lm):

@@ -22,16 +22,8 @@ def cfg_with(*overrides):
 
 
 def to_rows(tracks, prompts, rewards):
-    rows = []
-    for t in sorted(tracks, key=lambda t: t.track_id):
-        rows.append({
-            "prompt_id": f"p{t.prompt_index}", "prompt_ids": prompts[t.prompt_index],
-            "pair_id": t.pair_id, "track_id": t.track_id, "parent_track_id": t.parent_track_id,
-            "birth_round": t.birth_round, "own_start": t.own_start,
-            "response_ids": t.response_ids, "logprobs": t.logprobs,
-            "finish_reason": t.finish_reason, "reward": rewards[t.track_id % len(rewards)],
-        })
-    return rows
+    return [dict(t.row(prompts), reward=rewards[t.track_id % len(rewards)])
+            for t in sorted(tracks, key=lambda t: t.track_id)]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
