@@ -61,7 +61,32 @@ class GenerateConfig:
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off).")
     top_k: int = _f(0, "Top-k sampling (0 = off).")
     batch_tracks: int = _f(512, "Most tracks decoded in one lock-step batch.")
-    device: str = _f("auto", "Device for the hf engine: auto, cpu, cuda.")
+    device: str = _f("auto", "Device for the hf engine (and the vllm engine's sync check): "
+                     "auto, cpu, cuda.")
+    # vLLM engine (generate.engine=vllm). Without a GPU the CPU settings are applied
+    # automatically: float32, eager mode, block size 32, in-process engine.
+    vllm_dtype: str = _f("auto", "vLLM weight dtype: auto (float32 on CPU, the model's dtype "
+                         "on GPU), float32, bfloat16, float16.",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory vLLM may take (weights "
+                                            "+ KV cache); the rest is left to the colocated "
+                                            "trainer.")
+    vllm_max_model_len: int = _f(0, "Longest prompt + response vLLM serves; 0 = "
+                                 "data.max_prompt_tokens + generate.max_new_tokens.")
+    vllm_tensor_parallel_size: int = _f(1, "GPUs one vLLM engine is split over.")
+    vllm_enable_prefix_caching: bool = _f(True, "Reuse the KV blocks of shared prefixes (the "
+                                          "prompt across a group, the inherited prefix of a "
+                                          "newcomer).")
+    vllm_block_size: int = _f(0, "KV-cache block size in tokens; 0 = vLLM's default on GPU, "
+                              "32 on CPU (the CPU backend needs a multiple of 32).")
+    vllm_enforce_eager: bool = _f(False, "Disable CUDA graphs / torch.compile (always on for "
+                                  "CPU); faster start-up, slower decoding.")
+    vllm_cpu_kvcache_gib: int = _f(1, "CPU only: GiB of memory for the KV cache "
+                                   "(VLLM_CPU_KVCACHE_SPACE, unless set in the environment).")
+    vllm_sync_check: bool = _f(True, "Every iteration, compare vLLM's log-probs of a fixed "
+                               "sequence (the dataset's first prompt) with a transformers "
+                               "forward pass of the same weights; reported in the generate "
+                               "metrics.")
 
 
 @dataclass
@@ -261,6 +286,12 @@ def validate(cfg: Config) -> Config:
                             "group-relative signal)"),
         (0 < g.top_p <= 1, "generate.top_p must be in (0, 1]"),
         (g.batch_tracks >= g.group_size, "generate.batch_tracks must be >= generate.group_size"),
+        (0 < g.vllm_gpu_memory_utilization <= 1, "generate.vllm_gpu_memory_utilization must be "
+                                                  "in (0, 1]"),
+        (g.vllm_max_model_len >= 0, "generate.vllm_max_model_len must be >= 0 (0 = automatic)"),
+        (g.vllm_tensor_parallel_size >= 1, "generate.vllm_tensor_parallel_size must be >= 1"),
+        (g.vllm_block_size >= 0, "generate.vllm_block_size must be >= 0 (0 = automatic)"),
+        (g.vllm_cpu_kvcache_gib >= 1, "generate.vllm_cpu_kvcache_gib must be >= 1"),
         (cfg.iterations >= 1, "iterations must be >= 1"),
         (cfg.data.prompts_per_iteration >= 1, "data.prompts_per_iteration must be >= 1"),
         (cfg.update.epochs >= 1 and cfg.update.minibatches >= 1 and cfg.update.micro_batch_size >= 1,

@@ -30,11 +30,14 @@ import schemas
 from pipeline.config import Config
 from pipeline.models import load_policy, load_tokenizer, resolve_device
 from pipeline.registry import Registry
-from stages import hf_engine
+from stages import hf_engine, vllm_engine
 
 NAME, VERSION = "generate", 1
 INPUTS = ("prompts", "policy")
-CODE_DEPS = (hf_engine.__file__,)
+CODE_DEPS = (hf_engine.__file__, vllm_engine.__file__)
+# Settings that change how fast or where rollouts are made, not what they are.
+NOT_IN_KEY = ("batch_tracks", "device", "vllm_gpu_memory_utilization", "vllm_cpu_kvcache_gib",
+              "vllm_enforce_eager", "vllm_sync_check")
 ENGINES: Registry = Registry("rollout engine", "generate.engine")
 
 
@@ -43,7 +46,8 @@ def implementation(cfg: Config) -> str:
 
 
 def key_config(cfg: Config, iteration: int) -> dict:
-    g = {k: v for k, v in vars(cfg.generate).items() if k not in ("batch_tracks", "device")}
+    g = {k: v for k, v in vars(cfg.generate).items() if k not in NOT_IN_KEY
+         and (cfg.generate.engine == "vllm" or not k.startswith("vllm_"))}
     return {"generate": g, "seed": cfg.seed, "iteration": iteration,
             "prompts_per_iteration": cfg.data.prompts_per_iteration,
             "max_prompt_tokens": cfg.data.max_prompt_tokens}
@@ -60,7 +64,7 @@ def select_prompts(table: pa.Table, n: int, iteration: int, seed: int) -> pa.Tab
 
 @ENGINES.register("hf")
 def hf_generate(policy_dir: Path, prompt_ids: list[list[int]], cfg: Config, ctx, *,
-                tokenizer) -> tuple[list[hf_engine.Track], dict]:
+                tokenizer, check_ids: list[int]) -> tuple[list[hf_engine.Track], dict]:
     g = cfg.generate
     device = resolve_device(g.device)
     model = load_policy(policy_dir, device)
@@ -86,6 +90,37 @@ def hf_generate(policy_dir: Path, prompt_ids: list[list[int]], cfg: Config, ctx,
     return tracks, vars(totals)
 
 
+@ENGINES.register("vllm")
+def vllm_generate(policy_dir: Path, prompt_ids: list[list[int]], cfg: Config, ctx, *,
+                  tokenizer, check_ids: list[int]) -> tuple[list[hf_engine.Track], dict]:
+    g = cfg.generate
+    live, info = vllm_engine.live_engine(policy_dir, g, cfg.data.max_prompt_tokens, cfg.seed,
+                                         log=ctx.log)
+    if info["weights_synced"]:
+        ctx.log(f"  generate: new weights loaded into the running vLLM engine in "
+                f"{info['weight_sync_s'] * 1000:.0f} ms")
+    longest = max(len(p) for p in prompt_ids) + g.max_new_tokens
+    if longest > live.settings["max_model_len"]:
+        raise vllm_engine.EngineError(
+            f"a prompt of {longest - g.max_new_tokens} tokens plus generate.max_new_tokens="
+            f"{g.max_new_tokens} exceeds vLLM's max_model_len={live.settings['max_model_len']}; "
+            "raise generate.vllm_max_model_len (within the model's max_position_embeddings) or "
+            "lower generate.max_new_tokens.")
+    tracks, st = vllm_engine.sample_tracks(
+        live.llm, prompt_ids, group_size=g.group_size, rounds=g.rounds,
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        eos_id=tokenizer.eos_token_id, seed=cfg.seed * 1_000_003 + ctx.iteration)
+    ctx.log(f"  generate: {len(prompt_ids)} prompts, {len(tracks)} tracks (vLLM, "
+            f"{st.steps} request rounds)")
+    stats = {**vars(st), **info}
+    if g.vllm_sync_check and len(check_ids) >= 2:
+        check = vllm_engine.sync_check(live.llm, policy_dir, check_ids, resolve_device(g.device))
+        ctx.log(f"  generate: sync check, max |logp vLLM - logp transformers| = "
+                f"{check['sync_check_max_abs_diff']:.2e} over {check['sync_check_tokens']} tokens")
+        stats.update(check)
+    return tracks, stats
+
+
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     prompts_file = inputs["prompts"] / "prompts.parquet"
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
@@ -107,7 +142,10 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
 
     t0 = time.perf_counter()
     engine = ENGINES.get(cfg.generate.engine)
-    tracks, stats = engine(inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer)
+    # The sync check's fixed sequence: the dataset's first prompt, the same every iteration.
+    check_ids = tokenizer(prompts.column("prompt")[0].as_py(), add_special_tokens=True)["input_ids"]
+    tracks, stats = engine(inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer,
+                           check_ids=check_ids)
     seconds = time.perf_counter() - t0
     tracks.sort(key=lambda t: t.track_id)
 
@@ -143,5 +181,10 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "inherited_tokens": int(stats["inherited_tokens"]),
         "kv_copies": int(stats["kv_copies"]),
         "tokens_per_s": float(stats["generated_tokens"] / max(seconds, 1e-9)),
+        "prefix_cached_tokens": int(stats["prefix_cached_tokens"]),
     }
+    for k in ("engine_started", "engine_start_s", "weights_synced", "weight_sync_s",
+              "sync_check_max_abs_diff", "sync_check_mean_logprob", "sync_check_tokens"):
+        if k in stats:
+            metrics[k] = stats[k]
     return {"rows": len(tracks), "metrics": metrics}

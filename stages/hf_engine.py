@@ -58,6 +58,7 @@ class Stats:
     generated_tokens: int = 0     # tokens sampled for tracks (own tokens)
     inherited_tokens: int = 0     # prefix tokens newcomers got by KV copy instead of re-prefill
     kv_copies: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens served from a prefix cache (vllm engine)
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
