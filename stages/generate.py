@@ -182,6 +182,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "kv_copies": int(stats["kv_copies"]),
         "tokens_per_s": float(stats["generated_tokens"] / max(seconds, 1e-9)),
         "prefix_cached_tokens": int(stats["prefix_cached_tokens"]),
+        "inherited_cached_tokens": int(stats["inherited_cached_tokens"]),
     }
     for k in ("engine_started", "engine_start_s", "weights_synced", "weight_sync_s",
               "sync_check_max_abs_diff", "sync_check_mean_logprob", "sync_check_tokens"):

@@ -59,6 +59,7 @@ class Stats:
     inherited_tokens: int = 0     # prefix tokens newcomers got by KV copy instead of re-prefill
     kv_copies: int = 0
     prefix_cached_tokens: int = 0  # prompt tokens served from a prefix cache (vllm engine)
+    inherited_cached_tokens: int = 0  # of those, on newcomers' requests (prompt + inherited)
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -170,40 +170,74 @@ def k3_kl(logp, ref_logp) -> torch.Tensor:
 # get the pair forms of DESIGN.md section 2.
 
 
-def _prompt_std(rewards, prompt_id, round_, pair_unit) -> dict:
-    """Std (unbiased) of each prompt's independent rewards: the members of its round-0 units."""
-    out = {}
-    for p in np.unique(prompt_id):
-        sel = (prompt_id == p) & ((round_ == 0) | ~pair_unit)
-        v = rewards[sel]
-        out[p] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+def _groups(codes: np.ndarray, n_groups: int):
+    """Members ordered by group (stable: in their order within the group), each group's
+    start in that order and its size. `codes` are dense group indices 0..n_groups-1."""
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes, minlength=n_groups)
+    return order, np.cumsum(sizes) - sizes, sizes
+
+
+def _per_group(values: np.ndarray, codes: np.ndarray, n_groups: int, fn) -> np.ndarray:
+    """fn over each group's values, one value per group (0.0 for an empty group). Groups of
+    one size are stacked as the rows of one matrix and reduced along its rows: numpy reduces
+    each row exactly as it would the group alone (same pairwise summation), so the result
+    has the bits of a loop over groups, in one numpy call per distinct group size."""
+    order, starts, sizes = _groups(codes, n_groups)
+    out = np.zeros(n_groups)
+    for size in np.unique(sizes[sizes > 0]):
+        g = np.flatnonzero(sizes == size)
+        out[g] = fn(values[order[starts[g, None] + np.arange(size)]])
     return out
 
 
+def _std(m: np.ndarray) -> np.ndarray | float:
+    """Unbiased std of each row; 0 for rows of one value."""
+    return np.sqrt(np.var(m, axis=1) * m.shape[1] / (m.shape[1] - 1)) if m.shape[1] > 1 else 0.0
+
+
 def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo: bool):
+    """Every member's advantage, vectorised over units (a unit's form is decided by its first
+    member's `pair_unit`). tests/test_pair_vectorised.py pins it to the loop over units."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    adv = np.zeros_like(rewards)
-    batch_std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
-    pstd = _prompt_std(rewards, prompt_id, round_, pair_unit)
-    for u in np.unique(unit_id):
-        idx = np.flatnonzero(unit_id == u)
-        r = rewards[idx]
-        n = len(idx)
-        if pair_unit[idx[0]]:
-            centred = r - r[::-1]                     # R_l - R_r, R_r - R_l
-            std = pstd[prompt_id[idx[0]]]
-        elif loo:
-            centred = (r - (r.sum() - r) / max(n - 1, 1)) if n > 1 else r * 0
-            std = float(np.std(r, ddof=1)) if n > 1 else 0.0
-        else:
-            centred = r - r.mean()
-            std = float(np.std(r, ddof=1)) if n > 1 else 0.0
-        if scale == "group":
-            centred = centred / (std + eps)
-        elif scale == "batch":
-            centred = centred / (batch_std + eps)
-        adv[idx] = centred
-    return adv
+    pair_unit, round_ = np.asarray(pair_unit, dtype=bool), np.asarray(round_)
+    n = len(rewards)
+    if n == 0:
+        return np.zeros(0)
+    batch_std = float(np.std(rewards, ddof=1)) if n > 1 else 0.0
+    unit_ids, unit = np.unique(unit_id, return_inverse=True)
+    prompt_ids, prompt = np.unique(prompt_id, return_inverse=True)
+    n_units, n_prompts = len(unit_ids), len(prompt_ids)
+    order, starts, sizes = _groups(unit, n_units)
+    size = sizes[unit]
+    pos = np.empty(n, dtype=np.int64)  # position of each member within its unit
+    pos[order] = np.arange(n) - np.repeat(starts, sizes)
+    first = order[starts]               # first member of each unit
+    is_pair = pair_unit[first][unit]
+
+    # Pair units: R_l - R_r against the std of the prompt's independent rewards (the members
+    # of its round-0 units, or of any non-pair unit).
+    partner = order[starts[unit] + size - 1 - pos]  # r[::-1] within the unit
+    indep = (round_ == 0) | ~pair_unit
+    prompt_std = _per_group(rewards[indep], prompt[indep], n_prompts, _std)
+    pair_centred, pair_std = rewards - rewards[partner], prompt_std[prompt[first]][unit]
+
+    # Group units: R - mean (or leave-one-out mean) against the unit's own std.
+    if loo:
+        total = _per_group(rewards, unit, n_units, lambda m: m.sum(axis=1))[unit]
+        group_centred = np.where(size > 1, rewards - (total - rewards) / np.maximum(size - 1, 1),
+                                 rewards * 0)
+    else:
+        group_centred = rewards - _per_group(rewards, unit, n_units,
+                                             lambda m: m.mean(axis=1))[unit]
+    group_std = _per_group(rewards, unit, n_units, _std)[unit]
+
+    centred = np.where(is_pair, pair_centred, group_centred)
+    if scale == "group":
+        return centred / (np.where(is_pair, pair_std, group_std) + eps)
+    if scale == "batch":
+        return centred / (batch_std + eps)
+    return centred
 
 
 @ADVANTAGES.register("grpo")

@@ -272,6 +272,8 @@ def sample_tracks(llm, prompt_ids: list[list[int]], *, group_size: int, rounds: 
             t.finish_reason = "eos" if toks and toks[-1] == eos_id else "length"
             cached = int(out.num_cached_tokens or 0)
             stats.prefix_cached_tokens += cached
+            if t.parent_track_id is not None:
+                stats.inherited_cached_tokens += cached
             stats.prefill_tokens += len(ids) - cached
             stats.generated_tokens += len(toks)
             stats.forward_tokens += len(ids) - cached + len(toks)
