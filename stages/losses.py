@@ -193,7 +193,7 @@ def _per_group(values: np.ndarray, codes: np.ndarray, n_groups: int, fn) -> np.n
 
 def _std(m: np.ndarray) -> np.ndarray | float:
     """Unbiased std of each row; 0 for rows of one value."""
-    return np.sqrt(np.var(m, axis=1) * m.shape[1] / (m.shape[1] - 1)) if m.shape[1] > 1 else 0.0
+    return np.std(m, axis=1, ddof=1) if m.shape[1] > 1 else 0.0
 
 
 def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo: bool):
