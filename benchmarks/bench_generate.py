@@ -76,7 +76,7 @@ def main() -> None:
                 generator=torch.Generator().manual_seed(s))
             dt = time.perf_counter() - t0
             rows = [dict(t.row(prompts), reward=0.0) for t in tracks]
-            m = pair.summarize(pair.eqlen_units(rows, cfg), rows)
+            m = pair.summarize(pair.build_units(rows, cfg), rows)
             saved = sum(len(prompts[t.prompt_index]) + t.own_start for t in tracks
                         if t.parent_track_id is not None)
             runs.append((m["effective_token_ratio"], st.generated_tokens / dt, st.kv_copies, saved))
