@@ -36,8 +36,9 @@ The stage is columnar: the scored rows are read once into numpy arrays of their 
 (`Lineage`), a strategy returns which segment of which row each member is (`Members`, in
 output order), and the units' list columns are gathered from the rollouts' token buffers
 in a few numpy calls. No Python object is made per row, so the stage runs at a small
-multiple of a plain Parquet read + write (benchmarks/bench_pair.py: 1M rows in seconds,
-where a loop over row dicts took minutes). `build_units` and `summarize` give the same on
+multiple of a plain Parquet read + write (benchmarks/bench_pair.py, docs/bench_pair.md:
+1M rows in 6-20 s on 2 cores; the loop over row dicts it replaced took 20-28 s for 100k
+rows and grew quadratically). `build_units` and `summarize` give the same on
 rows as Python dicts, for tests and small in-memory uses; tests/test_pair_vectorised.py
 pins the columnar code to the original loop over dicts.
 """
@@ -120,7 +121,8 @@ def _rank(strings: pa.ChunkedArray) -> np.ndarray:
     order Python's sort uses)."""
     if len(strings) == 0:
         return np.zeros(0, dtype=np.int64)
-    return pc.rank(strings, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64) - 1
+    rank = pc.rank(strings, sort_keys="ascending", tiebreaker="dense")
+    return rank.to_numpy().astype(np.int64) - 1
 
 
 def _runs(sorted_keys: np.ndarray) -> np.ndarray:
@@ -225,7 +227,8 @@ def eqlen_units(lin: Lineage, cfg: Config) -> Members:
         pairs, offset = pairs[go], (offset + m)[go]
         newcomer = find(rnd + 1, pairs, survivor)
         found = newcomer >= 0  # none: round budget spent, the survivor's tail stays masked
-        survivor, newcomer, pairs, offset = survivor[found], newcomer[found], pairs[found], offset[found]
+        survivor, newcomer = survivor[found], newcomer[found]
+        pairs, offset = pairs[found], offset[found]
         bad = lin.own_start[newcomer] != offset
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -243,7 +246,8 @@ def eqlen_units(lin: Lineage, cfg: Config) -> Members:
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + n) over (starts, lengths): many slices' indices at once."""
     ends = np.cumsum(lengths)
-    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.arange(total) + np.repeat(starts - (ends - lengths), lengths)
 
 
 def _offsets(lengths: np.ndarray) -> pa.Array:

@@ -281,7 +281,8 @@ def test_edge_cases_give_the_reference_units(name, strategy):
 def test_inconsistent_lineage_fails_naming_the_track():
     rows = [R(0, 0, [EOS], 0.0), R(1, 0, [3, 4, EOS], 1.0),
             R(2, 0, [3, 4, EOS], 1.0, parent=1, birth=1, own=2)]  # inherited at 1, not 2
-    with pytest.raises(schemas.SchemaError, match="track 2: own_start 2 but it inherited at offset 1"):
+    with pytest.raises(schemas.SchemaError, match="track 2: own_start 2 but it inherited at "
+                                                  "offset 1"):
         pair.build_units(rows, cfg_with("eqlen"))
     with pytest.raises(schemas.SchemaError, match="pair 0: 3 round-0 tracks"):
         pair.build_units(rows[:2] + [R(3, 0, [3, EOS], 0.0)], cfg_with("truncate"))
