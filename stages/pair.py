@@ -271,8 +271,8 @@ def units_table(scored: pa.Table, m: Members, strategy: str, advantage: np.ndarr
     track_id = scored.column("track_id").to_numpy()
     schema = schemas.UNITS.arrow()
     tokens = np.cumsum(prompt_len[m.row] + m.offset + m.length)
-    cuts = np.unique(np.r_[0, np.searchsorted(tokens, np.arange(CHUNK_TOKENS, tokens[-1] if
-                                                                len(tokens) else 0, CHUNK_TOKENS)),
+    total = int(tokens[-1]) if len(tokens) else 0
+    cuts = np.unique(np.r_[0, np.searchsorted(tokens, np.arange(CHUNK_TOKENS, total, CHUNK_TOKENS)),
                            len(m.row)])
     batches = []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
