@@ -7,7 +7,7 @@ Both engines sample the same prompts x group size with the same budget through
 `generate.engine=hf|vllm` run), for rounds K = 1 and 4, on two models:
 
 - `demo`: the shipped 165k-parameter demo policy on demo prompts (~10 tokens), T = 16;
-- `medium`: a randomly initialised ~12M-parameter Llama (hidden 384, 6 layers) built here,
+- `medium`: a randomly initialised ~11M-parameter Llama (hidden 384, 6 layers) built here,
   whose EOS row is scaled so responses end at varied lengths (a random model almost never
   says EOS), on random 48-token prompts, T = 64.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline import report  # noqa: E402
 
 
 def build_medium(out: Path) -> Path:
@@ -126,7 +127,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args)))
         return
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {report.machine()}, "
           f"{args.threads} torch thread(s) for the hf engine, torch {torch.__version__}; "
           f"{args.prompts} prompts x {args.group} tracks, medians of {args.repeats}")
     for name in args.models.split(","):

@@ -14,7 +14,6 @@ Medians over --repeats runs. The figures in README.md come from this script.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -22,7 +21,7 @@ import torch
 
 from pipeline.demo import demo_model_dir, make_demo_prompts
 from pipeline.models import load_policy, load_tokenizer
-from pipeline import config
+from pipeline import config, report
 from stages import hf_engine, pair
 
 
@@ -55,7 +54,7 @@ def main() -> None:
         ended = is_eos.cumsum(-1) - is_eos > 0
         return int((~ended).sum()), dt
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+    print(f"machine: {report.machine()}, {torch.get_num_threads()} torch thread(s), "
           f"torch {torch.__version__}; {args.prompts} prompts x {args.group} tracks, "
           f"max_new_tokens {args.max_new_tokens}")
     base = [plain_generate(s) for s in range(args.repeats)]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import schemas  # noqa: E402
-from pipeline import config  # noqa: E402
+from pipeline import config, report  # noqa: E402
 from pipeline.runner import Context  # noqa: E402
 from stages import pair  # noqa: E402
 
@@ -195,14 +194,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in
-                     subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    import os
-    return (f"{model}, {os.cpu_count()} cores; python {platform.python_version()}, "
+    return (f"{report.machine()}; python {platform.python_version()}, "
             f"pyarrow {version('pyarrow')}, polars {version('polars')}, numpy {np.__version__}, "
             f"torch {version('torch')}")
 

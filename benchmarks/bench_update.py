@@ -56,9 +56,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,7 +74,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import config, runner  # noqa: E402
+from pipeline import config, report, runner  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
 
 # EqLen's update.loss_agg -> TRL's loss_type with the same per-token weights
@@ -266,14 +264,6 @@ def _never_called(completions, **kw):
 
 # ------------------------------------------------------------------ main
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                    if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -314,7 +304,7 @@ def main() -> None:
     adv_trl = trl_advantages(cols["reward"], cols["unit_id"], eps=cfg.update.eps)
     tokens = sum(sum(m) for m in cols["loss_mask"])
 
-    print(f"machine: {machine()}; torch {torch.__version__}, transformers "
+    print(f"machine: {report.machine()}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, trl {trl.__version__}; {torch.get_num_threads()} torch "
           f"thread(s)")
     print(f"batch: {n} members ({len(set(cols['unit_id']))} prompts x {cols['unit_size'][0]}), "

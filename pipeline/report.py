@@ -97,3 +97,18 @@ def print_show(run_dir: str | Path, as_json: bool) -> None:
                 state = "MISSING (rerun it)"
             console.print(f"  it{it['index']} {name:<8} {s['key']}  rows {s['rows']}  {state}  "
                           f"{s['path']}")
+
+
+def machine() -> str:
+    """The CPU's model name and core count, for the figures benchmarks print."""
+    import os
+    import platform
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"

@@ -230,3 +230,37 @@ def test_kl_to_the_initial_policy(make_cfg, policy_dir, tmp_path):
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert steps[1]["kl"] > 0
     assert h["update"].metrics["skipped_members"] == 0
+
+
+def test_check_run_script_passes_a_run_and_names_a_broken_dataset(make_cfg, policy_dir, tmp_path):
+    """scripts/check_run.py on a rounds=4 eqlen run at T=1.5: every iteration passes and the
+    recomputed log-probs agree; after one unit member's segment is cut short on disk, it
+    fails with the invariant's message."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    cfg = make_cfg(f"model={policy_dir}", "generate.rounds=4", "pair.strategy=eqlen",
+                   "generate.temperature=1.5", "iterations=2")
+    h = run_online(cfg, tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_run.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("iteration")]
+    assert [l.split(":")[0] for l in lines] == ["iteration 0", "iteration 1"]
+    assert all(float(l.rsplit(" ", 1)[1]) < 1e-4 for l in lines)
+
+    units_file = Path(h[1]["pair"].path) / "units.parquet"
+    units = pq.read_table(units_file)
+    seg = units.column("segment_ids").to_pylist()
+    i = next(k for k, s in enumerate(seg) if len(s) > 1)
+    seg[i] = seg[i][:-1]
+    units = units.set_column(units.schema.get_field_index("segment_ids"), "segment_ids",
+                             pa.array(seg, units.schema.field("segment_ids").type))
+    pq.write_table(units, units_file)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), "--iterations", "1"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "iteration 1: invariant failed" in out.stderr and "segment_ids" in out.stderr
