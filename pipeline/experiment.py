@@ -69,9 +69,15 @@ def summarize(method: str, seed: int, rows: list[dict], wall: float) -> dict:
     return {"method": method, "seed": seed,
             "final_reward": float(np.mean([r["reward"] for r in rows[-2:]])),
             "drift_incorrect": drift("len_incorrect"), "drift_correct": drift("len_correct"),
+            "gap_first": _num(rows[0]["len_gap"]), "gap_last": _num(rows[-1]["len_gap"]),
             "eff": float(np.mean([r["eff"] for r in rows])), "wall": wall,
             "reward_curve": [r["reward"] for r in rows],
-            "len_incorrect_curve": [r["len_incorrect"] for r in rows]}
+            "len_incorrect_curve": [r["len_incorrect"] for r in rows],
+            "len_gap_curve": [r["len_gap"] for r in rows]}
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _ms(vals) -> str:
@@ -85,32 +91,38 @@ def write_report(out: Path, results: list[dict], seeds: list[int]) -> Path:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r["method"] for r in results))
-    lines = ["| method | final reward | Δ len incorrect | Δ len correct | eff. token ratio | "
-             "wall s (per run) |", "|---|---|---|---|---|---|"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    lines = ["| method | final reward | Δ len incorrect | Δ len correct | gap first | gap last "
+             "| eff. token ratio | wall s (per run) |", "|---|---|---|---|---|---|---|---|"]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.2))
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         lines.append(f"| {m} | {_ms([r['final_reward'] for r in rs])} | "
                      f"{_ms([r['drift_incorrect'] for r in rs])} | "
                      f"{_ms([r['drift_correct'] for r in rs])} | "
+                     f"{_ms([r['gap_first'] for r in rs])} | {_ms([r['gap_last'] for r in rs])} | "
                      f"{np.mean([r['eff'] for r in rs]):.3f} | {np.mean([r['wall'] for r in rs]):.0f} |")
         style = "-" if m.startswith("eqlen") else "--"
         a1.plot(np.nanmean([r["reward_curve"] for r in rs], axis=0), style, label=m)
-        curves = np.array([[np.nan if v is None else v for v in r["len_incorrect_curve"]]
-                           for r in rs], dtype=float)
-        a2.plot(np.nanmean(curves, axis=0), style, label=m)
+        for ax, key in ((a2, "len_incorrect_curve"), (a3, "len_gap_curve")):
+            curves = np.array([[_num(v) for v in r[key]] for r in rs], dtype=float)
+            ax.plot(np.nanmean(curves, axis=0), style, label=m)
     a1.set(xlabel="iteration", ylabel="mean reward", title=f"reward (mean of {len(seeds)} seeds)")
     a2.set(xlabel="iteration", ylabel="tokens", title="mean length of incorrect responses")
-    for a in (a1, a2):
+    a3.set(xlabel="iteration", ylabel="tokens",
+           title="length gap within prompts (incorrect - correct)")
+    a3.axhline(0, color="grey", lw=0.8)
+    for a in (a1, a2, a3):
         a.grid(alpha=0.3)
-    a2.legend(fontsize=7, ncol=2)
+    a3.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
     plt.close(fig)
     text = ("# Experiment results\n\nSeeds: " + ", ".join(map(str, seeds)) + ". final reward = "
             "mean reward of the last two iterations; Δ len = mean response length at the last "
-            "iteration minus the first (tokens), for incorrect and correct responses; ± is the "
-            "std over seeds.\n\n" + "\n".join(lines) + "\n\n![reward and lengths](results.png)\n")
+            "iteration minus the first (tokens), for incorrect and correct responses; gap = mean "
+            "length of incorrect minus correct responses to the same prompt, over prompts with "
+            "both (score metric `len_gap`), at the first and last iteration; ± is the std over "
+            "seeds.\n\n" + "\n".join(lines) + "\n\n![reward and lengths](results.png)\n")
     (out / "results.md").write_text(text)
     console.print(text, markup=False)
     return out / "results.md"

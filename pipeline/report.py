@@ -52,6 +52,7 @@ def row_of(stages: dict) -> dict:
         "reward": m("score", "reward_mean"), "accuracy": m("score", "accuracy"),
         "len_correct": m("score", "mean_len_correct"),
         "len_incorrect": m("score", "mean_len_incorrect"),
+        "len_gap": m("score", "len_gap"),
         "units": m("pair", "units"), "eff": m("pair", "effective_token_ratio"),
         "seconds": sum((s.get("seconds") or 0.0) for s in stages.values()),
         "cached": sum(bool(s.get("cached")) for s in stages.values()),

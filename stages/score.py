@@ -150,5 +150,22 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "mean_len_correct": float(lens[correct].mean()) if correct.any() else None,
         "mean_len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
         "mean_response_len": float(lens.mean()),
+        **within_prompt_gap(np.asarray(table.column("prompt_id").to_pylist())[first], lens,
+                            correct),
     })
     return {"rows": table.num_rows, "metrics": metrics}
+
+
+def within_prompt_gap(prompt_ids: np.ndarray, lens: np.ndarray, correct: np.ndarray) -> dict:
+    """Mean length of incorrect minus correct responses *to the same prompt*, averaged over
+    the prompts that have both: the length bias a group-relative loss can reward, with the
+    mix of prompts (harder prompts often have longer answers) taken out."""
+    _, g = np.unique(prompt_ids, return_inverse=True)
+    n_ok = np.bincount(g, weights=correct)
+    n_bad = np.bincount(g, weights=~correct)
+    both = (n_ok > 0) & (n_bad > 0)
+    if not both.any():
+        return {"len_gap": None, "len_gap_prompts": 0}
+    len_ok = np.bincount(g, weights=lens * correct)[both] / n_ok[both]
+    len_bad = np.bincount(g, weights=lens * ~correct)[both] / n_bad[both]
+    return {"len_gap": float((len_bad - len_ok).mean()), "len_gap_prompts": int(both.sum())}

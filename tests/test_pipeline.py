@@ -217,6 +217,11 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     text = (tmp_path / "results.md").read_text()
     for m in ("grpo", "dapo", "eqlen_rloo"):
         assert f"| {m} |" in text
+    assert "| gap first | gap last |" in text
+    from pipeline.report import show_data
+    score0 = show_data(tmp_path / "runs" / "grpo-s0")["iterations"][0]["stages"]["score"]
+    assert score0["metrics"]["len_gap_prompts"] > 0  # 4 prompts x 4 tracks, reward ~0.5
+    assert res[0]["gap_first"] == score0["metrics"]["len_gap"]
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -139,3 +139,18 @@ def test_prompt_selection_cycles_without_repeating_a_prompt_in_an_iteration():
     assert sorted(set(seen)) == [f"p{i}" for i in range(5)]  # the shuffle is cycled through
     assert sorted(generate.select_prompts(t, 9, 0, seed=0).column("prompt_id").to_pylist()) == \
         [f"p{i}" for i in range(5)]
+
+
+def test_within_prompt_length_gap_by_hand():
+    """Prompt a: incorrect 7, 9 vs correct 4 -> gap 8 - 4 = 4. Prompt b: incorrect 2 vs
+    correct 3, 5 -> 2 - 4 = -2. Prompt c: all correct, left out. Mean over a, b: 1.
+    (The overall means, 6 incorrect vs 4 correct, would say 2.)"""
+    import numpy as np
+    from stages.score import within_prompt_gap
+
+    pids = np.array(["a", "a", "a", "b", "b", "b", "c", "c"])
+    lens = np.array([7, 9, 4, 2, 3, 5, 4, 4])
+    correct = np.array([False, False, True, False, True, True, True, True])
+    assert within_prompt_gap(pids, lens, correct) == {"len_gap": 1.0, "len_gap_prompts": 2}
+    assert within_prompt_gap(pids, lens, np.ones(8, bool)) == {"len_gap": None,
+                                                               "len_gap_prompts": 0}
