@@ -70,6 +70,7 @@ def summarize(method: str, seed: int, rows: list[dict], wall: float) -> dict:
             "final_reward": float(np.mean([r["reward"] for r in rows[-2:]])),
             "drift_incorrect": drift("len_incorrect"), "drift_correct": drift("len_correct"),
             "gap_first": _num(rows[0]["len_gap"]), "gap_last": _num(rows[-1]["len_gap"]),
+            "gap_mean": _nanmean([_num(r["len_gap"]) for r in rows[1:]]),
             "eff": float(np.mean([r["eff"] for r in rows])), "wall": wall,
             "reward_curve": [r["reward"] for r in rows],
             "len_incorrect_curve": [r["len_incorrect"] for r in rows],
@@ -78,6 +79,11 @@ def summarize(method: str, seed: int, rows: list[dict], wall: float) -> dict:
 
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
+
+
+def _nanmean(vals: list[float]) -> float:
+    vals = [v for v in vals if v == v]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def _ms(vals) -> str:
@@ -91,15 +97,17 @@ def write_report(out: Path, results: list[dict], seeds: list[int]) -> Path:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r["method"] for r in results))
-    lines = ["| method | final reward | Δ len incorrect | Δ len correct | gap first | gap last "
-             "| eff. token ratio | wall s (per run) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | final reward | Δ len incorrect | Δ len correct | gap first | gap mean "
+             "after | gap last | eff. token ratio | wall s (per run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.2))
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         lines.append(f"| {m} | {_ms([r['final_reward'] for r in rs])} | "
                      f"{_ms([r['drift_incorrect'] for r in rs])} | "
                      f"{_ms([r['drift_correct'] for r in rs])} | "
-                     f"{_ms([r['gap_first'] for r in rs])} | {_ms([r['gap_last'] for r in rs])} | "
+                     f"{_ms([r['gap_first'] for r in rs])} | {_ms([r['gap_mean'] for r in rs])} | "
+                     f"{_ms([r['gap_last'] for r in rs])} | "
                      f"{np.mean([r['eff'] for r in rs]):.3f} | {np.mean([r['wall'] for r in rs]):.0f} |")
         style = "-" if m.startswith("eqlen") else "--"
         a1.plot(np.nanmean([r["reward_curve"] for r in rs], axis=0), style, label=m)
@@ -121,8 +129,8 @@ def write_report(out: Path, results: list[dict], seeds: list[int]) -> Path:
             "mean reward of the last two iterations; Δ len = mean response length at the last "
             "iteration minus the first (tokens), for incorrect and correct responses; gap = mean "
             "length of incorrect minus correct responses to the same prompt, over prompts with "
-            "both (score metric `len_gap`), at the first and last iteration; ± is the std over "
-            "seeds.\n\n" + "\n".join(lines) + "\n\n![reward and lengths](results.png)\n")
+            "both (score metric `len_gap`), at the first iteration, its mean over the later "
+            "iterations, and at the last; ± is the std over seeds.\n\n" + "\n".join(lines) + "\n\n![reward and lengths](results.png)\n")
     (out / "results.md").write_text(text)
     console.print(text, markup=False)
     return out / "results.md"

@@ -217,11 +217,13 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     text = (tmp_path / "results.md").read_text()
     for m in ("grpo", "dapo", "eqlen_rloo"):
         assert f"| {m} |" in text
-    assert "| gap first | gap last |" in text
+    assert "| gap first | gap mean after | gap last |" in text
     from pipeline.report import show_data
     score0 = show_data(tmp_path / "runs" / "grpo-s0")["iterations"][0]["stages"]["score"]
     assert score0["metrics"]["len_gap_prompts"] > 0  # 4 prompts x 4 tracks, reward ~0.5
     assert res[0]["gap_first"] == score0["metrics"]["len_gap"]
+    score1 = show_data(tmp_path / "runs" / "grpo-s0")["iterations"][1]["stages"]["score"]
+    assert res[0]["gap_mean"] == score1["metrics"]["len_gap"]  # iterations=2: only iteration 1
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
