@@ -72,6 +72,8 @@ def summarize(method: str, seed: int, rows: list[dict], wall: float) -> dict:
             "gap_first": _num(rows[0]["len_gap"]), "gap_last": _num(rows[-1]["len_gap"]),
             "gap_mean": _nanmean([_num(r["len_gap"]) for r in rows[1:]]),
             "eff": float(np.mean([r["eff"] for r in rows])), "wall": wall,
+            "cached": sum(r["cached"] for r in rows),
+            "stages": len(runner.STAGE_NAMES) * len(rows),
             "reward_curve": [r["reward"] for r in rows],
             "len_incorrect_curve": [r["len_incorrect"] for r in rows],
             "len_gap_curve": [r["len_gap"] for r in rows]}
@@ -98,8 +100,8 @@ def write_report(out: Path, results: list[dict], seeds: list[int]) -> Path:
 
     methods = list(dict.fromkeys(r["method"] for r in results))
     lines = ["| method | final reward | Δ len incorrect | Δ len correct | gap first | gap mean "
-             "after | gap last | eff. token ratio | wall s (per run) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "after | gap last | eff. token ratio | wall s (per run) | cached stages |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.2))
     for m in methods:
         rs = [r for r in results if r["method"] == m]
@@ -108,7 +110,8 @@ def write_report(out: Path, results: list[dict], seeds: list[int]) -> Path:
                      f"{_ms([r['drift_correct'] for r in rs])} | "
                      f"{_ms([r['gap_first'] for r in rs])} | {_ms([r['gap_mean'] for r in rs])} | "
                      f"{_ms([r['gap_last'] for r in rs])} | "
-                     f"{np.mean([r['eff'] for r in rs]):.3f} | {np.mean([r['wall'] for r in rs]):.0f} |")
+                     f"{np.mean([r['eff'] for r in rs]):.3f} | {np.mean([r['wall'] for r in rs]):.0f} | "
+                     f"{np.mean([r['cached'] for r in rs]):.0f}/{rs[0]['stages']} |")
         style = "-" if m.startswith("eqlen") else "--"
         a1.plot(np.nanmean([r["reward_curve"] for r in rs], axis=0), style, label=m)
         for ax, key in ((a2, "len_incorrect_curve"), (a3, "len_gap_curve")):
@@ -130,7 +133,9 @@ def write_report(out: Path, results: list[dict], seeds: list[int]) -> Path:
             "iteration minus the first (tokens), for incorrect and correct responses; gap = mean "
             "length of incorrect minus correct responses to the same prompt, over prompts with "
             "both (score metric `len_gap`), at the first iteration, its mean over the later "
-            "iterations, and at the last; ± is the std over seeds.\n\n" + "\n".join(lines) + "\n\n![reward and lengths](results.png)\n")
+            "iterations, and at the last; ± is the std over seeds; cached stages = stage runs "
+            "served from the shared cache (mean per run), whose time the wall time leaves out."
+            "\n\n" + "\n".join(lines) + "\n\n![reward and lengths](results.png)\n")
     (out / "results.md").write_text(text)
     console.print(text, markup=False)
     return out / "results.md"

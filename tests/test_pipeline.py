@@ -214,6 +214,7 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     for stage in ("generate", "score", "pair"):
         assert d[stage]["key"] == g[stage]["key"] and d[stage]["cached"]
     assert d["update"]["key"] != g["update"]["key"]
+    assert [r["cached"] for r in res[:4]] == [0, 0, 3, 3]  # dapo reuses grpo's iteration 0
     text = (tmp_path / "results.md").read_text()
     for m in ("grpo", "dapo", "eqlen_rloo"):
         assert f"| {m} |" in text
