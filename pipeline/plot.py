@@ -1,4 +1,5 @@
-"""`eqlen plot RUN_DIR`: reward and response lengths per iteration, as a PNG."""
+"""`eqlen plot RUN_DIR`: reward, response lengths and the within-prompt length gap per
+iteration, as a PNG."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     data = show_data(run_dir)
     rows = [row_of(it["stages"]) for it in data["iterations"]]
     xs = [it["index"] for it in data["iterations"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.6))
     ax1.plot(xs, [r["reward"] for r in rows], marker="o")
     ax1.set(xlabel="iteration", ylabel="mean reward (round-0 tracks)", title="reward")
     ax1.grid(alpha=0.3)
@@ -25,6 +26,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax2.set(xlabel="iteration", ylabel="mean response length (tokens)", title="lengths")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    ax3.plot(xs, [r["len_gap"] if r["len_gap"] is not None else float("nan") for r in rows],
+             marker="o")
+    ax3.axhline(0, color="grey", lw=0.8)
+    ax3.set(xlabel="iteration", ylabel="tokens",
+            title="length gap within prompts (incorrect - correct)")
+    ax3.grid(alpha=0.3)
     fig.suptitle(Path(data["run_dir"]).name)
     fig.tight_layout()
     out = Path(out) if out else Path(data["run_dir"]) / "progress.png"
