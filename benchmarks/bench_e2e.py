@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -125,16 +124,6 @@ def measure(kind: str, run_dir: Path, args, env: dict) -> dict:
     return {"wall": wall, "inproc": float(m.group(1)) if m else float("nan"), **rec}
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                    if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def versions(env: dict) -> str:
     code = ("import torch, transformers, prefect, os; from pipeline import cli; cli._runtime(); "
             "print(f'torch {torch.__version__}, transformers {transformers.__version__}, prefect "
@@ -160,6 +149,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
     env = child_env(tmp / "prefect-home")
+    sys.path.insert(0, str(ROOT))
+    from pipeline.report import machine
     print(f"machine: {machine()}; {versions(env)}")
     probe_cmd = [sys.executable, str(Path(__file__).resolve()), "--probe"]
 

@@ -66,6 +66,24 @@ def _ks_uniform(values):
     return max(np.max(np.arange(1, n + 1) / n - x), np.max(x - np.arange(n) / n))
 
 
+def assert_newcomers_sample_their_context(model, tok, prompts, tracks, temperature):
+    """KS test at the 1% level (critical value 1.63 / sqrt(n)) that the newcomers' first own
+    tokens have Uniform(0, 1) randomised PITs under p(. | prompt + survivor prefix), and that
+    the same test with the prompt alone as context rejects."""
+    newcomers = [t for t in tracks if t.parent_track_id is not None]
+    assert len(newcomers) >= 60
+    rng = np.random.default_rng(0)
+    right, wrong = [], []
+    for t in newcomers:
+        tokn, u = t.response_ids[t.own_start], rng.random()
+        ctx = prompts[t.prompt_index] + t.response_ids[:t.own_start]
+        right.append(_pit(model, tok, ctx, tokn, u, temperature))
+        wrong.append(_pit(model, tok, prompts[t.prompt_index], tokn, u, temperature))
+    crit = 1.63 / np.sqrt(len(newcomers))
+    assert _ks_uniform(right) < crit
+    assert _ks_uniform(wrong) > crit
+
+
 def test_inheritance_does_not_change_the_distribution(lm):
     """A newcomer's first own token must be a fresh sample from p(. | prompt + survivor
     prefix). Under that hypothesis its randomised PIT values are Uniform(0, 1): a KS test at
@@ -74,18 +92,7 @@ def test_inheritance_does_not_change_the_distribution(lm):
     model, tok = lm
     T = 1.5
     prompts, tracks, _ = sample(lm, 48, rounds=2, temperature=T, seed=3)
-    newcomers = [t for t in tracks if t.parent_track_id is not None]
-    assert len(newcomers) >= 60
-    rng = np.random.default_rng(0)
-    right, wrong = [], []
-    for t in newcomers:
-        tokn, u = t.response_ids[t.own_start], rng.random()
-        ctx = prompts[t.prompt_index] + t.response_ids[:t.own_start]
-        right.append(_pit(model, tok, ctx, tokn, u, T))
-        wrong.append(_pit(model, tok, prompts[t.prompt_index], tokn, u, T))
-    crit = 1.63 / np.sqrt(len(newcomers))
-    assert _ks_uniform(right) < crit
-    assert _ks_uniform(wrong) > crit
+    assert_newcomers_sample_their_context(model, tok, prompts, tracks, T)
 
 
 def test_top_k_and_top_p_filters_by_hand():

@@ -25,7 +25,7 @@ from pipeline.demo import make_demo_prompts  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
 from stages import vllm_engine  # noqa: E402
 from stages.update import segment_logprobs  # noqa: E402
-from test_engine import _ks_uniform, _pit  # noqa: E402
+from test_engine import assert_newcomers_sample_their_context  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -84,18 +84,7 @@ def test_newcomers_sample_from_the_inherited_context(policy_dir, tok, model):
     randomised PIT at the 1% level), and the same test with the prompt alone rejects."""
     T = 1.5
     prompts, tracks, _ = sample(policy_dir, tok, 48, rounds=2, temperature=T, seed=3)
-    newcomers = [t for t in tracks if t.parent_track_id is not None]
-    assert len(newcomers) >= 60
-    rng = np.random.default_rng(0)
-    right, wrong = [], []
-    for t in newcomers:
-        tokn, u = t.response_ids[t.own_start], rng.random()
-        ctx = prompts[t.prompt_index] + t.response_ids[:t.own_start]
-        right.append(_pit(model, tok, ctx, tokn, u, T))
-        wrong.append(_pit(model, tok, prompts[t.prompt_index], tokn, u, T))
-    crit = 1.63 / np.sqrt(len(newcomers))
-    assert _ks_uniform(right) < crit
-    assert _ks_uniform(wrong) > crit
+    assert_newcomers_sample_their_context(model, tok, prompts, tracks, T)
 
 
 def test_seeded_per_track_so_batching_does_not_change_rollouts(policy_dir, tok):
