@@ -126,8 +126,10 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
     batch = select_prompts(prompts, cfg.data.prompts_per_iteration, ctx.iteration, cfg.seed)
     tokenizer = load_tokenizer(inputs["policy"])
-    texts = batch.column("prompt").to_pylist()
-    prompt_ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    prompt_ids = [encode(t) for t in batch.column("prompt").to_pylist()]
     for i, ids in enumerate(prompt_ids):
         if len(ids) > cfg.data.max_prompt_tokens:
             pid = batch.column("prompt_id")[i].as_py()
@@ -143,7 +145,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     t0 = time.perf_counter()
     engine = ENGINES.get(cfg.generate.engine)
     # The sync check's fixed sequence: the dataset's first prompt, the same every iteration.
-    check_ids = tokenizer(prompts.column("prompt")[0].as_py(), add_special_tokens=True)["input_ids"]
+    check_ids = encode(prompts.column("prompt")[0].as_py())
     tracks, stats = engine(inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer,
                            check_ids=check_ids)
     seconds = time.perf_counter() - t0

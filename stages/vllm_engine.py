@@ -225,7 +225,7 @@ def _sampling_params(*, max_tokens: int, temperature: float, top_p: float, top_k
     from vllm import SamplingParams
 
     return SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k if top_k else 0, logprobs=0, seed=seed,
+                          top_k=top_k, logprobs=0, seed=seed,
                           stop_token_ids=[eos_id], detokenize=False, skip_special_tokens=False)
 
 
