@@ -152,16 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
-    from pipeline.models import ModelError
-    from pipeline.registry import UnknownName
-    from pipeline.runner import RunError
-    from schemas import SchemaError
+    from pipeline.errors import EqLenError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, RunError, SchemaError, ModelError, UnknownName) as e:
+    except EqLenError as e:
         print(f"eqlen: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import EqLenError
 
-class ConfigError(ValueError):
+
+class ConfigError(EqLenError, ValueError):
     """A config file or `--set` override that cannot be used; the message says why."""
 
 

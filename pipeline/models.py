@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import EqLenError
 
-class ModelError(ValueError):
+
+class ModelError(EqLenError, ValueError):
     pass
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from pipeline.errors import EqLenError
+
 F = TypeVar("F", bound=Callable)
 
 
-class UnknownName(KeyError):
+class UnknownName(EqLenError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return self.args[0]
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline import cache
+from pipeline.errors import EqLenError
 from pipeline.config import Config, to_dict
 
 STAGE_NAMES = ("generate", "score", "pair", "update")
@@ -33,7 +34,7 @@ UPSTREAM = {"score": ("rollouts", "generate"), "pair": ("scored", "score"),
             "update": ("units", "pair")}
 
 
-class RunError(RuntimeError):
+class RunError(EqLenError, RuntimeError):
     """A run directory that cannot serve the request; the message says what to do."""
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import EqLenError
 
-class SchemaError(ValueError):
+
+class SchemaError(EqLenError, ValueError):
     """A dataset that does not match its schema; the message names file, column and row."""
 
 

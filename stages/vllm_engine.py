@@ -47,10 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import EqLenError
 from stages.hf_engine import Stats, Track
 
 
-class EngineError(RuntimeError):
+class EngineError(EqLenError, RuntimeError):
     pass
 
 
