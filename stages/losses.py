@@ -165,9 +165,10 @@ def k3_kl(logp, ref_logp) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- advantage estimators
-# Signature: (rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps) -> advantages [n]
+# Signature: (rewards, unit_id, prompt_id, track_id, pair_unit, *, scale, eps) -> advantages [n]
 # `pair_unit` marks members of two-member units of a pair strategy (truncate, eqlen): those
-# get the pair forms of DESIGN.md section 2.
+# get the pair forms of docs/method.md. A track can be a member of several units (an EqLen
+# survivor is in one unit per round); `track_id` lets the pair form count each track once.
 
 
 def _groups(codes: np.ndarray, n_groups: int):
@@ -196,11 +197,11 @@ def _std(m: np.ndarray) -> np.ndarray | float:
     return np.std(m, axis=1, ddof=1) if m.shape[1] > 1 else 0.0
 
 
-def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo: bool):
+def _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale, eps, loo: bool):
     """Every member's advantage, vectorised over units (a unit's form is decided by its first
     member's `pair_unit`). tests/test_pair_vectorised.py pins it to the loop over units."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    pair_unit, round_ = np.asarray(pair_unit, dtype=bool), np.asarray(round_)
+    pair_unit = np.asarray(pair_unit, dtype=bool)
     n = len(rewards)
     if n == 0:
         return np.zeros(0)
@@ -215,11 +216,15 @@ def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo
     first = order[starts]               # first member of each unit
     is_pair = pair_unit[first][unit]
 
-    # Pair units: R_l - R_r against the std of the prompt's independent rewards (the members
-    # of its round-0 units, or of any non-pair unit).
+    # Pair units: R_l - R_r against the std of *all* the prompt's rewards, one per track
+    # (docs/method.md, "Rewards and advantages"). Both R_l and R_r are among those rewards, so
+    # |R_l - R_r| <= sqrt(2 (n - 1)) * std for a prompt of n tracks and |A| stays below that
+    # bound. (A std over round-0 tracks only is 0 when they tie while a later round's pair
+    # differs, and the advantage then explodes to (R_l - R_r) / eps.)
     partner = order[starts[unit] + size - 1 - pos]  # r[::-1] within the unit
-    indep = (round_ == 0) | ~pair_unit
-    prompt_std = _per_group(rewards[indep], prompt[indep], n_prompts, _std)
+    _, once = np.unique(np.stack([prompt, np.asarray(track_id, dtype=np.int64)]), axis=1,
+                        return_index=True)
+    prompt_std = _per_group(rewards[once], prompt[once], n_prompts, _std)
     pair_centred, pair_std = rewards - rewards[partner], prompt_std[prompt[first]][unit]
 
     # Group units: R - mean (or leave-one-out mean) against the unit's own std.
@@ -233,29 +238,31 @@ def _estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo
     group_std = _per_group(rewards, unit, n_units, _std)[unit]
 
     centred = np.where(is_pair, pair_centred, group_centred)
-    if scale == "group":
-        return centred / (np.where(is_pair, pair_std, group_std) + eps)
-    if scale == "batch":
-        return centred / (batch_std + eps)
-    return centred
+    if scale == "none":
+        return centred
+    denom = np.where(is_pair, pair_std, group_std) + eps if scale == "group" else \
+        np.full(n, batch_std + eps)
+    # A zero std means equal rewards, so a zero numerator: the advantage is 0 (not 0/0 when
+    # eps = 0).
+    return np.divide(centred, denom, out=np.zeros(n), where=denom > 0)
 
 
 @ADVANTAGES.register("grpo")
-def grpo_advantages(rewards, unit_id, prompt_id, round_, pair_unit, *, scale="group",
+def grpo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="group",
                     eps=1e-4) -> np.ndarray:
     """Group: A_i = (R_i - mean_unit) / (std_unit + eps) (`scale`: group | batch | none;
-    TRL's scale_rewards). Pair units: A_l = (R_l - R_r) / (std of the prompt's round-0
-    rewards + eps), A_r = -A_l."""
-    return _estimate(rewards, unit_id, prompt_id, round_, pair_unit, scale=scale, eps=eps,
+    TRL's scale_rewards). Pair units: A_l = (R_l - R_r) / (std of all the prompt's rewards,
+    one per track, + eps), A_r = -A_l; |A| < sqrt(2 (n - 1)) for n tracks."""
+    return _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=eps,
                      loo=False)
 
 
 @ADVANTAGES.register("rloo")
-def rloo_advantages(rewards, unit_id, prompt_id, round_, pair_unit, *, scale="none",
+def rloo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="none",
                     eps=1e-4) -> np.ndarray:
     """Leave-one-out: A_i = R_i - mean of the other members = G/(G-1) (R_i - mean).
     Pair units: A_l = R_l - R_r. Unscaled unless `scale` says otherwise."""
-    return _estimate(rewards, unit_id, prompt_id, round_, pair_unit, scale=scale, eps=eps,
+    return _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=eps,
                      loo=True)
 
 

@@ -10,8 +10,9 @@ strategy (`pair.strategy`, a registry) decides what they are:
 
 - `truncate`: the post-hoc end of the framework. Each pair's two round-0 tracks are cut to
   their common length m = min(|a|, |b|); the tails are masked (left out of the unit). Default
-  advantage: the pair difference R_a - R_b (and R_b - R_a), divided by the std of the
-  prompt's round-0 rewards + eps under `pair.scale_rewards=group`.
+  advantage: the pair difference R_a - R_b (and R_b - R_a), divided by the std of all the
+  prompt's rewards in the units (one per track) + eps under `pair.scale_rewards=group`;
+  |A| < sqrt(2 (n - 1)) for n tracks (docs/method.md).
 - `eqlen`: the full method (DESIGN.md section 2). The pair's lineage is replayed round by
   round: in round k the two current tracks continue from the same context c_k at offset o_k;
   m_k = min of their remaining lengths; the unit holds both segments [o_k, o_k + m_k).
@@ -311,8 +312,8 @@ def default_advantages(scored: pa.Table, lin: Lineage, m: Members, cfg: Config) 
     `truncate`/`eqlen`), scaled as `pair.scale_rewards` says."""
     reward = scored.column("reward").to_numpy()[m.row]
     pair_unit = (m.unit_size == 2) & (cfg.pair.strategy in PAIR_STRATEGIES)
-    return ADVANTAGES.get("grpo")(reward, m.unit_id, lin.prompt[m.row], m.round, pair_unit,
-                                  scale=cfg.pair.scale_rewards, eps=cfg.pair.eps)
+    return ADVANTAGES.get("grpo")(reward, m.unit_id, lin.prompt[m.row], lin.track_id[m.row],
+                                  pair_unit, scale=cfg.pair.scale_rewards, eps=cfg.pair.eps)
 
 
 def build_table(scored: pa.Table, cfg: Config) -> pa.Table:

@@ -100,7 +100,7 @@ def advantages(cols: dict[str, list], cfg: Config) -> np.ndarray:
                           for s, n in zip(cols["strategy"], cols["unit_size"])])
     return ADVANTAGES.get(name)(
         np.asarray(cols["reward"]), np.asarray(cols["unit_id"]), np.asarray(cols["prompt_id"]),
-        np.asarray(cols["round"]), pair_unit, scale=scale, eps=u.eps)
+        np.asarray(cols["track_id"]), pair_unit, scale=scale, eps=u.eps)
 
 
 def zero_signal(cols: dict[str, list]) -> np.ndarray:

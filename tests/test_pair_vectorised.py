@@ -105,20 +105,24 @@ def ref_eqlen(rows):
     return out
 
 
-def ref_prompt_std(rewards, prompt_id, round_, pair_unit):
+def ref_prompt_std(rewards, prompt_id, track_id):
+    """Unbiased std of each prompt's rewards, one per track (tracks in id order)."""
     out = {}
     for p in np.unique(prompt_id):
-        sel = (prompt_id == p) & ((round_ == 0) | ~pair_unit)
-        v = rewards[sel]
+        sel = np.flatnonzero(prompt_id == p)
+        first = {}
+        for i in sel:
+            first.setdefault(int(track_id[i]), i)
+        v = rewards[[first[t] for t in sorted(first)]]
         out[p] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
     return out
 
 
-def ref_estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, loo):
+def ref_estimate(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale, eps, loo):
     rewards = np.asarray(rewards, dtype=np.float64)
     adv = np.zeros_like(rewards)
     batch_std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
-    pstd = ref_prompt_std(rewards, prompt_id, round_, pair_unit)
+    pstd = ref_prompt_std(rewards, prompt_id, track_id)
     for u in np.unique(unit_id):
         idx = np.flatnonzero(unit_id == u)
         r = rewards[idx]
@@ -132,10 +136,9 @@ def ref_estimate(rewards, unit_id, prompt_id, round_, pair_unit, *, scale, eps, 
         else:
             centred = r - r.mean()
             std = float(np.std(r, ddof=1)) if n > 1 else 0.0
-        if scale == "group":
-            centred = centred / (std + eps)
-        elif scale == "batch":
-            centred = centred / (batch_std + eps)
+        denom = std + eps if scale == "group" else batch_std + eps
+        if scale != "none":
+            centred = centred / denom if denom > 0 else centred * 0
         adv[idx] = centred
     return adv
 
@@ -147,9 +150,9 @@ def ref_build_units(rows, cfg):
     units = REF[cfg.pair.strategy](rows)
     if units:
         col = {k: np.array([u[k] for u in units]) for k in
-               ("reward", "unit_id", "prompt_id", "round", "strategy", "unit_size")}
+               ("reward", "unit_id", "prompt_id", "track_id", "strategy", "unit_size")}
         pair_unit = (col["unit_size"] == 2) & np.isin(col["strategy"], ["truncate", "eqlen"])
-        adv = ref_estimate(col["reward"], col["unit_id"], col["prompt_id"], col["round"],
+        adv = ref_estimate(col["reward"], col["unit_id"], col["prompt_id"], col["track_id"],
                            pair_unit, scale=cfg.pair.scale_rewards, eps=cfg.pair.eps, loo=False)
         for u, a in zip(units, adv):
             u["advantage"] = float(a)
@@ -300,13 +303,15 @@ def test_advantage_estimators_equal_the_loop_over_units(sizes, seed, n_prompts, 
     rng = np.random.default_rng(seed)
     unit_id = rng.permutation(np.repeat(rng.permutation(len(sizes)) * 7 - 3, sizes))
     n = len(unit_id)
-    rewards = rng.integers(0, 2, n).astype(float) if ties else rng.normal(size=n) * 10
+    # Members share tracks (an EqLen survivor is in several units): one reward per track.
+    track_id = rng.integers(0, max(1, n // 2), n)
+    per_track = rng.integers(0, 2, n).astype(float) if ties else rng.normal(size=n) * 10
+    rewards = per_track[track_id]
     prompt_id = np.array([f"p{i}" for i in rng.integers(0, n_prompts, n)])
-    round_ = rng.integers(0, 3, n)
     pair_unit = rng.random(n) < 0.5
-    got = losses._estimate(rewards, unit_id, prompt_id, round_, pair_unit, scale=scale,
+    got = losses._estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale,
                            eps=1e-4, loo=loo)
-    want = ref_estimate(rewards, unit_id, prompt_id, round_, pair_unit, scale=scale, eps=1e-4,
+    want = ref_estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=1e-4,
                         loo=loo)
     assert got.tobytes() == want.tobytes()
 

@@ -103,24 +103,24 @@ def test_per_token_gradient_weight_matches_the_formula(name, algo):
 def test_grpo_and_rloo_advantages_by_hand():
     """Group unit rewards 1, 0, 0, 1: mean 0.5, unbiased std 0.57735 -> grpo +-0.86588;
     rloo: 1 - 1/3 = 0.66667, 0 - 2/3 = -0.66667. Pair units (eqlen) of one prompt with
-    round-0 rewards 1, 0 | 1, 1 (std 0.5): (1-0)/0.5001 = 1.99960; the (1, 1) unit gets 0;
+    four tracks of rewards 1, 0 | 1, 1 (std 0.5): (1-0)/0.5001 = 1.99960; the (1, 1) unit gets 0;
     rloo pair form: R_l - R_r = 1."""
     r = np.array([1.0, 0, 0, 1])
     z = np.zeros(4, dtype=bool)
-    g = losses.ADVANTAGES.get("grpo")(r, np.zeros(4), np.array(["p"] * 4), np.zeros(4), z,
+    g = losses.ADVANTAGES.get("grpo")(r, np.zeros(4), np.array(["p"] * 4), np.arange(4), z,
                                       scale="group", eps=1e-4)
     assert g == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588], abs=1e-5)
-    loo = losses.ADVANTAGES.get("rloo")(r, np.zeros(4), np.array(["p"] * 4), np.zeros(4), z,
+    loo = losses.ADVANTAGES.get("rloo")(r, np.zeros(4), np.array(["p"] * 4), np.arange(4), z,
                                         scale="none")
     assert loo == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
     unit, pair = np.array([0, 0, 1, 1]), np.ones(4, dtype=bool)
     pr = np.array([1.0, 0, 1, 1])
-    g = losses.ADVANTAGES.get("grpo")(pr, unit, np.array(["p"] * 4), np.zeros(4), pair,
+    g = losses.ADVANTAGES.get("grpo")(pr, unit, np.array(["p"] * 4), np.arange(4), pair,
                                       scale="group", eps=1e-4)
     assert g == pytest.approx([1.99960, -1.99960, 0, 0], abs=1e-5)
-    loo = losses.ADVANTAGES.get("rloo")(pr, unit, np.array(["p"] * 4), np.zeros(4), pair)
+    loo = losses.ADVANTAGES.get("rloo")(pr, unit, np.array(["p"] * 4), np.arange(4), pair)
     assert loo == pytest.approx([1, -1, 0, 0])
-    batch = losses.ADVANTAGES.get("grpo")(r, np.zeros(4), np.array(["p"] * 4), np.zeros(4), z,
+    batch = losses.ADVANTAGES.get("grpo")(r, np.zeros(4), np.array(["p"] * 4), np.arange(4), z,
                                           scale="batch", eps=0.0)
     assert batch == pytest.approx([0.86603, -0.86603, -0.86603, 0.86603], abs=1e-5)
 
