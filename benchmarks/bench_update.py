@@ -165,7 +165,7 @@ def make_rollouts(cfg, run_dir: Path) -> Path:
     refs = {"prompts": prompts, "policy": policy, "reference": policy}
     for name in ("generate", "score", "pair"):
         res = runner.run_stage(name, cfg, run_dir, 0, refs, log=lambda s: None)
-        refs[runner.OUTPUT_LABEL[name]] = res.ref()
+        refs[runner.stage_spec(name).output] = res.output()
     return Path(refs["units"].path)
 
 

@@ -18,27 +18,27 @@ Writes are atomic: the stage writes into a temporary sibling `.tmp-<key>-<random
 renames the old folder to `.trash-<key>-<random>` first and removes it after the swap.
 
 Concurrency (several runs sharing one cache, which is what `cache_dir` is for): every
-writer of a key holds an exclusive `flock` on `<stage>/.lock-<key>` from before it looks
-for a finished folder until it has published its own. A second writer of the same key
-therefore waits, finds the first one's output and serves it (unless forced), and never sees
-a half-written folder. Because only the lock holder creates `.tmp-<key>-*` / `.trash-<key>-*`,
-any such leftover found while holding the lock is garbage from a killed writer and is
-removed; `sweep` does the same for a whole cache root, skipping keys whose writer is alive.
-Lock files are empty, one per key, and are not deleted (deleting a lock file that another
-process is about to lock would let two processes hold "the" lock); `locked` re-checks the
-file after locking, so a lock file deleted by hand is harmless. flock is Linux/POSIX only
-and needs a local filesystem or one with working flock (NFSv4 does; some network
-filesystems do not). A reader of an output is not locked out: `force` on an output that
+writer of a key takes an exclusive `flock` on `<stage>/.lock-<key>`, looks again for a
+finished folder, and holds the lock until it has published its own. A second writer of the
+same key therefore waits, finds the first one's output and serves it (unless forced), and
+never touches the first one's temporary folder. Because only the lock holder creates
+`.tmp-<key>-*` / `.trash-<key>-*`, any such entry found while holding the lock is garbage
+from a killed writer and is removed; `sweep` does the same for a whole cache root, skipping
+keys whose writer is alive. Lock files are empty, one per key, and are never deleted here
+(deleting a lock file that another process is about to lock would let two processes hold
+"the" lock); `locked` re-checks the file after locking, so one deleted by hand is harmless.
+flock makes this Linux/POSIX only, on a local filesystem or one with working flock (NFSv4
+has it; some network filesystems do not). Readers take no lock: `force` on an output that
 another run is reading at that moment can make that reader fail, and it must be rerun.
 
 Tamper detection: the manifest records every file's name, size and `mtime_ns`. A folder is
 served only if its files have the recorded names and sizes; if any mtime differs, the folder
-is re-hashed and served only if the hash still equals `output_digest` (then the new mtimes
-are recorded so the next check is cheap again). So an edited file is found by a stat of
-each file when nothing changed, by a re-hash when something did. An edit that keeps size
-and mtime (e.g. `touch -d` back to the old time) is found only by `verify`, a full
-re-hash. Manifests of the previous version (files as [name, size]) are checked by name and
-size only.
+is re-hashed and served only if the hash still equals `output_digest` (the new mtimes are
+then recorded, so a copy that did not keep mtimes costs one re-hash, not one per check).
+Checking an unchanged folder thus costs one stat per file, and an edited file is found by
+the re-hash. An edit that keeps both size and mtime (`touch -d` back to the old time) is
+found only by `verify`, a full re-hash. Manifests of the previous version (files as
+[name, size]) are checked by name and size only.
 """
 
 from __future__ import annotations
@@ -225,15 +225,22 @@ def sweep(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    kept = []
+    kept: list[Path] = []
     for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         by_key: dict[str, list[Path]] = {}
-        for p in sorted(stage_dir.iterdir()):
+        try:
+            entries = sorted(stage_dir.iterdir())
+        except OSError:
+            continue
+        for p in entries:
             key = _leftover_key(p.name)
             if key is not None:
                 by_key.setdefault(key, []).append(p)
         for key, paths in by_key.items():
-            fd = _acquire(lock_file(stage_dir / key), blocking=False)
+            try:
+                fd = _acquire(lock_file(stage_dir / key), blocking=False)
+            except OSError:  # e.g. a read-only cache: nothing here can be removed either
+                fd = None
             if fd is None:
                 kept += paths
                 continue
@@ -250,7 +257,10 @@ def _refresh_mtimes(folder: Path, manifest: dict, now: list[tuple[str, int, int]
     """Record the current mtimes after a re-hash confirmed the content (e.g. a copy that did
     not keep mtimes), so later checks are stats again. Best effort: skipped if a writer holds
     the key or the cache is read-only."""
-    fd = _acquire(lock_file(folder), blocking=False)
+    try:
+        fd = _acquire(lock_file(folder), blocking=False)
+    except OSError:
+        return
     if fd is None:
         return
     try:

@@ -20,19 +20,24 @@ def _fmt(v, spec=".3f") -> str:
 
 
 def show_data(run_dir: str | Path) -> dict:
-    """The `eqlen show --json` object (DESIGN.md section 5)."""
+    """The `eqlen show --json` object (docs/method.md; README "Commands"). Per stage also
+    `stale`: an upstream stage's output recorded now is not the one this stage was computed
+    from (an offline rerun changed it); `leftovers`: temporary folders of killed writers
+    that could not be removed (in use by a live writer, or undeletable)."""
     rec = RunRecord(run_dir)
     if not rec.path.is_file():
         raise RunError(f"{rec.run_dir} is not a run directory (no run.json); start one with "
                        f"`eqlen run --run-dir {rec.run_dir}`")
-    data = rec.load()
-    out = {"run_dir": str(rec.run_dir), "iterations": []}
-    for it in data["iterations"]:
+    entries, stale = rec.entries(), rec.stale()
+    out = {"run_dir": str(rec.run_dir), "iterations": [], "leftovers": []}
+    roots = set()
+    for i, it in enumerate(entries):
         stages = {}
         for name in STAGE_NAMES:
-            e = it["stages"].get(name)
+            e = it.get(name)
             if e is None:
                 continue
+            roots.add(Path(e["path"]).parent.parent)
             manifest = cache.lookup(Path(e["path"]))
             stages[name] = {
                 "key": e["key"], "path": e["path"], "cached": e["cached"],
@@ -40,8 +45,11 @@ def show_data(run_dir: str | Path) -> dict:
                 "metrics": manifest["metrics"] if manifest else {},
                 "seconds": e["seconds"],
                 "present": manifest is not None,
+                "stale": stale[i][name],
             }
-        out["iterations"].append({"index": it["index"], "stages": stages})
+        out["iterations"].append({"index": i, "stages": stages})
+    for root in sorted(roots):
+        out["leftovers"] += [str(p) for p in cache.sweep(root)]
     return out
 
 
@@ -96,8 +104,13 @@ def print_show(run_dir: str | Path, as_json: bool) -> None:
             state = "cached" if s["cached"] else "ran"
             if not s["present"]:
                 state = "MISSING (rerun it)"
+            if s["stale"]:
+                state += f"  STALE (an upstream stage was rerun: `eqlen stage {name} --run-dir " \
+                         f"{data['run_dir']} --iteration {it['index']}` recomputes it)"
             console.print(f"  it{it['index']} {name:<8} {s['key']}  rows {s['rows']}  {state}  "
                           f"{s['path']}")
+    for p in data["leftovers"]:
+        console.print(f"  leftover temporary folder (a live writer's, or not removable): {p}")
 
 
 def machine() -> str:

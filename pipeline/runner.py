@@ -1,16 +1,21 @@
 """Runs one stage with caching and records it in the run directory.
 
-This is the one place that knows how stages connect; the Prefect flow and the `eqlen
-stage` command both call `run_stage`. A run directory holds:
+This is the one place that knows how stages connect, and it learns it from the stages'
+declarations (`STAGE` in each stage module, see pipeline/stage.py): a stage's input label
+is the output label of the stage that makes it, in the same iteration when that stage comes
+earlier in the loop (generate -> score -> pair -> update), else in the iteration before
+(the update's `policy` feeds the next iteration's generate and update); labels that no
+stage makes (`prompts`, the initial `policy`, the `reference`) are the run's own inputs.
+The Prefect flow and the `eqlen stage` command both call `run_stage`. A run directory holds:
 
     RUN_DIR/config.yaml      the resolved config of the last `eqlen run`
     RUN_DIR/run.json         per iteration and stage: key, output folder, cached, inputs
     RUN_DIR/cache/...        stage outputs, `<stage>/<key>/` (unless cache_dir is set)
 
-Stage modules (`stages/*.py`) expose `NAME`, `VERSION`, `INPUTS` (names of their inputs),
-`implementation(cfg)`, `key_config(cfg)` (the config that can change their output) and
-`run(inputs, out_dir, cfg, ctx) -> {"rows", "metrics"}`. They know nothing of caching,
-run records or Prefect.
+Paths in run.json are relative to the run directory when they lie inside it, so a run
+directory can be copied or moved (an external `cache_dir` stays absolute). run.json is
+rewritten atomically under a lock, so concurrent `eqlen stage` commands on one run do not
+lose each other's records.
 """
 
 from __future__ import annotations
@@ -25,23 +30,43 @@ from typing import Any, Callable
 import yaml
 
 from pipeline import cache
-from pipeline.errors import EqLenError
 from pipeline.config import Config, to_dict
+from pipeline.errors import EqLenError
+from pipeline.stage import ConfigView, Stage, UndeclaredRead
 
 STAGE_NAMES = ("generate", "score", "pair", "update")
-OUTPUT_LABEL = {"generate": "rollouts", "score": "scored", "pair": "units", "update": "policy"}
-UPSTREAM = {"score": ("rollouts", "generate"), "pair": ("scored", "score"),
-            "update": ("units", "pair")}
+# Config keys that no stage reads: they decide the run's own inputs (whose content digests
+# are in every key downstream) or where and how long the loop runs.
+RUN_FIELDS = {
+    "iterations": "the loop's length (in the update's key when its lr schedule decays)",
+    "cache_dir": "where outputs are stored, not what they are",
+    "model": "the initial policy: its content digest is the `policy` input of iteration 0",
+    "data.prompts": "the prompt source: its content digest keys the `prompts` input",
+    "data.prompt_column": "how the prompts input is read (in its key)",
+    "data.id_column": "how the prompts input is read (in its key)",
+    "data.demo_size": "the demo prompts input (in its key)",
+}
 
 
 class RunError(EqLenError, RuntimeError):
     """A run directory that cannot serve the request; the message says what to do."""
 
 
-def stage_module(name: str):
+def stage_spec(name: str) -> Stage:
     if name not in STAGE_NAMES:
         raise RunError(f"unknown stage {name!r}; valid stages: {', '.join(STAGE_NAMES)}")
-    return importlib.import_module(f"stages.{name}")
+    return importlib.import_module(f"stages.{name}").STAGE
+
+
+def producer(label: str, stage: str, iteration: int) -> tuple[str, int] | None:
+    """(stage, iteration) whose output is input `label` of `stage` at `iteration`, or None
+    for the run's own inputs (prompts, the initial policy, the reference)."""
+    for name in STAGE_NAMES:
+        if stage_spec(name).output == label:
+            same = STAGE_NAMES.index(name) < STAGE_NAMES.index(stage)
+            it = iteration if same else iteration - 1
+            return (name, it) if it >= 0 else None
+    return None
 
 
 @dataclass
@@ -51,7 +76,7 @@ class Ref:
     digest: str
 
     @classmethod
-    def of(cls, path: str | Path) -> "Ref":
+    def of(cls, path: str | Path) -> Ref:
         path = Path(path).resolve()
         if not path.exists():
             raise RunError(f"input {path} does not exist")
@@ -75,44 +100,63 @@ class StageResult:
         p = Path(self.path) / sub if sub else Path(self.path)
         return Ref(str(p), self.digest + (f":{sub}" if sub else ""))
 
+    def output(self) -> Ref:
+        """The input this result is to later stages (the update's `model/`, ...)."""
+        return self.ref(stage_spec(self.stage).output_sub)
 
-@dataclass
+
 class Context:
-    """What a stage may know besides its inputs and config."""
-    iteration: int
-    log: Callable[[str], None] = print
+    """What a stage may know besides its inputs and config. `iteration` is readable only by
+    stages that declare `uses_iteration` (it is then in their key)."""
+
+    def __init__(self, iteration: int | None, log: Callable[[str], None] = print,
+                 stage: str = ""):
+        self._iteration, self.log, self.stage = iteration, log, stage
+
+    @property
+    def iteration(self) -> int:
+        if self._iteration is None:
+            raise UndeclaredRead(f"stage {self.stage!r} read ctx.iteration without declaring "
+                                 "uses_iteration=True in its STAGE, so its key leaves it out")
+        return self._iteration
 
 
 def cache_root(cfg: Config, run_dir: Path) -> Path:
     return Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else run_dir / "cache"
 
 
-def stage_key(name: str, cfg: Config, inputs: dict[str, Ref], iteration: int) -> tuple[str, dict]:
-    mod = stage_module(name)
-    parts = {
-        "stage": name,
-        "implementation": mod.implementation(cfg),
-        "version": mod.VERSION,
-        "code": cache.source_digest(mod.__file__, *getattr(mod, "CODE_DEPS", ())),
-        "config": mod.key_config(cfg, iteration),
-        "inputs": {k: v.digest for k, v in sorted(inputs.items())},
-    }
-    return cache.cache_key(parts), parts
-
-
-def _select_inputs(mod, inputs: dict[str, Ref]) -> dict[str, Ref]:
-    missing = set(mod.INPUTS) - set(inputs)
+def _select_inputs(spec: Stage, inputs: dict[str, Ref]) -> dict[str, Ref]:
+    missing = set(spec.inputs) - set(inputs)
     if missing:
-        raise RunError(f"stage {mod.NAME} needs inputs {sorted(missing)}")
-    return {k: inputs[k] for k in mod.INPUTS}
+        raise RunError(f"stage {spec.name} needs inputs {sorted(missing)}")
+    return {k: inputs[k] for k in spec.inputs}
+
+
+def stage_key(name: str, cfg: Config, inputs: dict[str, Ref], iteration: int) -> tuple[str, dict]:
+    spec = stage_spec(name)
+    parts = spec.key_parts(cfg, {k: v.digest for k, v in inputs.items()}, iteration)
+    return cache.cache_key(parts), parts
 
 
 def is_cached(name: str, cfg: Config, run_dir: str | Path, iteration: int,
               inputs: dict[str, Ref]) -> bool:
     """Whether run_stage would serve this stage from cache (used to label task runs)."""
-    inputs = _select_inputs(stage_module(name), inputs)
+    inputs = _select_inputs(stage_spec(name), inputs)
     key, _ = stage_key(name, cfg, inputs, iteration)
     return cache.lookup(cache_root(cfg, Path(run_dir).resolve()) / name / key) is not None
+
+
+def _check_inputs(name: str, iteration: int, inputs: dict[str, Ref]) -> None:
+    for label, ref in inputs.items():
+        if not Path(ref.path).exists():
+            raise RunError(f"input '{label}' of stage {name} (iteration {iteration}) at "
+                           f"{ref.path} is gone; rerun the stage that wrote it")
+        if not cache.input_intact(Path(ref.path)):
+            raise RunError(
+                f"input '{label}' of stage {name} (iteration {iteration}) at {ref.path} was "
+                "modified after it was written (its files no longer match its manifest), so "
+                "nothing computed from it can be trusted. Rerun the stage that wrote it with "
+                "--force, or pass an edited copy as a new dataset folder.")
 
 
 def run_stage(name: str, cfg: Config, run_dir: str | Path, iteration: int,
@@ -120,21 +164,22 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, iteration: int,
               log: Callable[[str], None] = print) -> StageResult:
     """Serve stage `name` from cache or run it, then record it in run.json."""
     run_dir = Path(run_dir).resolve()
-    mod = stage_module(name)
-    inputs = _select_inputs(mod, inputs)
+    spec = stage_spec(name)
+    inputs = _select_inputs(spec, inputs)
+    _check_inputs(name, iteration, inputs)
     key, parts = stage_key(name, cfg, inputs, iteration)
     folder = cache_root(cfg, run_dir) / name / key
-    manifest = None if force else cache.lookup(folder)
-    cached = manifest is not None
+    # The stage sees only the config it declared (pipeline/stage.py): what it can read is
+    # exactly what its key covers.
+    view = ConfigView(cfg, spec.allowed(cfg), name)
+    ctx = Context(iteration if spec.uses_iteration else None, log=log, stage=name)
     t0 = time.perf_counter()
-    if not cached:
-        ctx = Context(iteration=iteration, log=log)
-        manifest = cache.write(
-            folder,
-            lambda tmp: mod.run({k: Path(v.path) for k, v in inputs.items()}, tmp, cfg, ctx),
-            dict(parts, key=key, iteration=iteration,
-                 input_paths={k: v.path for k, v in inputs.items()}),
-        )
+    manifest, cached = cache.get_or_write(
+        folder,
+        lambda tmp: spec.run({k: Path(v.path) for k, v in inputs.items()}, tmp, view, ctx),
+        dict(parts, key=key, iteration=iteration,
+             input_paths={k: v.path for k, v in inputs.items()}),
+        force=force)
     result = StageResult(stage=name, iteration=iteration, key=key, path=str(folder),
                          cached=cached, rows=manifest["rows"], metrics=manifest["metrics"],
                          digest=manifest["output_digest"],
@@ -150,32 +195,76 @@ class RunRecord:
         self.run_dir = Path(run_dir).resolve()
         self.path = self.run_dir / "run.json"
 
+    # -- paths: relative inside the run dir, so a copied or moved run dir still works
+    def rel(self, path: str | Path) -> str:
+        p = Path(path)
+        return p.relative_to(self.run_dir).as_posix() if p.is_relative_to(self.run_dir) else str(p)
+
+    def abs(self, path: str) -> str:
+        return str(self.run_dir / path) if not Path(path).is_absolute() else path
+
     def load(self) -> dict:
         if not self.path.is_file():
-            return {"run_dir": str(self.run_dir), "iterations": []}
-        return json.loads(self.path.read_text())
+            if self.path.exists() or (self.run_dir.exists() and not self.run_dir.is_dir()):
+                raise RunError(f"{self.path} is not a file; give a run directory")
+            return {"iterations": []}
+        try:
+            data = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(self._damaged(f"it is not valid JSON ({e})")) from None
+        if not (isinstance(data, dict) and isinstance(data.get("iterations"), list)
+                and all(isinstance(it, dict) and isinstance(it.get("stages"), dict)
+                        for it in data["iterations"])):
+            raise RunError(self._damaged("it is not a run record (an object with an "
+                                         "'iterations' list)"))
+        return data
+
+    def _damaged(self, why: str) -> str:
+        return (f"{self.path} is damaged: {why}. The stage outputs it pointed to are intact "
+                f"in the cache: `eqlen run --run-dir {self.run_dir}` with the run's config "
+                f"(saved in {self.run_dir / 'config.yaml'}) re-records them from the cache "
+                "without recomputing; it keeps the damaged file as run.json.damaged.")
+
+    def repair(self) -> bool:
+        """Move a damaged run.json aside (for `eqlen run`, which re-records from cache)."""
+        try:
+            self.load()
+            return False
+        except RunError:
+            if not self.path.is_file():
+                raise
+            self.path.replace(self.path.with_name("run.json.damaged"))
+            return True
 
     def save(self, data: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cache.atomic_write_text(self.path, json.dumps(data, indent=2))
 
     def start(self, cfg: Config, iterations: int) -> None:
-        """A new `eqlen run`: record its config; forget iterations it will not reach."""
-        data = self.load()
-        data["config"] = to_dict(cfg)
-        data["iterations"] = data["iterations"][:iterations]
-        self.save(data)
-        cache.atomic_write_text(self.run_dir / "config.yaml",
-                                yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        """A new `eqlen run`: record its config; forget iterations it will not reach. Called
+        once the run's first stage has succeeded, so a command that fails on bad input
+        leaves the record of the last good run as it was."""
+        with cache.locked(self.path):
+            data = self.load()
+            data["config"] = to_dict(cfg)
+            data["iterations"] = data["iterations"][:iterations]
+            self.save(data)
+            cache.atomic_write_text(self.run_dir / "config.yaml",
+                                    yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def record(self, r: StageResult) -> None:
-        data = self.load()
-        its = data["iterations"]
-        while len(its) <= r.iteration:
-            its.append({"index": len(its), "stages": {}})
         entry = {k: v for k, v in asdict(r).items() if k not in ("stage", "iteration", "metrics")}
-        its[r.iteration]["stages"][r.stage] = entry
-        self.save(data)
+        entry["path"] = self.rel(r.path)
+        entry["inputs"] = {k: {"path": self.rel(v.path), "digest": v.digest}
+                           for k, v in r.inputs.items()}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with cache.locked(self.path):
+            data = self.load()
+            its = data["iterations"]
+            while len(its) <= r.iteration:
+                its.append({"index": len(its), "stages": {}})
+            its[r.iteration]["stages"][r.stage] = entry
+            self.save(data)
 
     def config(self) -> dict:
         data = self.load()
@@ -184,32 +273,80 @@ class RunRecord:
                            f"--run-dir {self.run_dir}` first")
         return data["config"]
 
+    def entries(self) -> list[dict[str, dict]]:
+        """Per iteration, {stage: entry} with absolute paths."""
+        out = []
+        for it in self.load()["iterations"]:
+            stages = {}
+            for name, e in it["stages"].items():
+                e = dict(e, path=self.abs(e["path"]))
+                e["inputs"] = {k: dict(v, path=self.abs(v["path"]))
+                               for k, v in e.get("inputs", {}).items()}
+                stages[name] = e
+            out.append(stages)
+        return out
+
     def entry(self, iteration: int, stage: str) -> dict:
-        its = self.load()["iterations"]
-        if iteration >= len(its) or stage not in its[iteration]["stages"]:
-            have = [f"{i['index']}:{','.join(i['stages'])}" for i in its]
+        its = self.entries()
+        if iteration < 0 or iteration >= len(its) or stage not in its[iteration]:
+            have = [f"{i}:{','.join(s)}" for i, s in enumerate(its)]
             raise RunError(f"{self.path}: iteration {iteration} has no '{stage}' output "
                            f"(recorded: {'; '.join(have) or 'nothing'}); run the stages before "
                            "it first")
-        return its[iteration]["stages"][stage]
+        return its[iteration][stage]
+
+    def stale(self) -> list[dict[str, bool]]:
+        """Per iteration and recorded stage: whether an upstream stage's output recorded now
+        is not the one this stage was computed from (an offline rerun changed it), directly
+        or through a stage in between."""
+        its = self.entries()
+        flags: list[dict[str, bool]] = []
+        for i, stages in enumerate(its):
+            flags.append({})
+            for name in STAGE_NAMES:
+                if name not in stages:
+                    continue
+                e, stale = stages[name], False
+                for label, ref in e["inputs"].items():
+                    src = producer(label, name, i)
+                    if src is None or src[0] not in its[src[1]]:
+                        continue
+                    up = its[src[1]][src[0]]
+                    sub = stage_spec(src[0]).output_sub
+                    want = up["digest"] + (f":{sub}" if sub else "")
+                    stale |= ref["digest"] != want or flags[src[1]].get(src[0], False)
+                flags[i][name] = stale
+        return flags
 
 
 def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int) -> dict[str, Ref]:
-    """Inputs of a stage from the run record: what the offline rerun (`eqlen stage`) uses."""
+    """Inputs of a stage from the run record: what the offline rerun (`eqlen stage`) uses.
+    A label made by another stage comes from that stage's output recorded now; the run's
+    own inputs come from what this stage (or another of the iteration) recorded."""
+    spec = stage_spec(name)
     rec = RunRecord(run_dir)
-    if name in UPSTREAM:
-        label, up = UPSTREAM[name]
-        e = rec.entry(iteration, up)
-        inputs = {label: Ref(e["path"], e["digest"])}
-    else:
-        inputs = {}
-    if name in ("generate", "update"):
-        # Both consume the policy the iteration started from; generate recorded it.
-        inputs["policy"] = Ref(**rec.entry(iteration, "generate")["inputs"]["policy"])
-    if name == "update":
-        inputs["reference"] = policy_input(cfg)
-    if name == "generate":
-        inputs["prompts"] = Ref(**rec.entry(iteration, "generate")["inputs"]["prompts"])
+    if iteration < 0:
+        raise RunError(f"--iteration {iteration}: iterations are numbered from 0")
+    its = rec.entries()
+    inputs = {}
+    for label in spec.inputs:
+        src = producer(label, name, iteration)
+        if src is not None:
+            e = rec.entry(src[1], src[0])
+            sub = stage_spec(src[0]).output_sub
+            inputs[label] = Ref(str(Path(e["path"]) / sub) if sub else e["path"],
+                                e["digest"] + (f":{sub}" if sub else ""))
+            continue
+        if label == "reference":
+            inputs[label] = policy_input(cfg)
+            continue
+        recorded = [s["inputs"][label] for s in (its[iteration].values()
+                                                 if iteration < len(its) else [])
+                    if label in s.get("inputs", {})]
+        if not recorded:
+            rec.entry(iteration, "generate")  # raises naming what is recorded
+            raise RunError(f"{rec.path}: no recorded '{label}' input at iteration {iteration}")
+        inputs[label] = Ref(recorded[0]["path"], recorded[0]["digest"])
     for k, ref in inputs.items():
         if not Path(ref.path).exists():
             raise RunError(f"input '{k}' of stage {name} (iteration {iteration}) at {ref.path} "
@@ -233,17 +370,21 @@ def online(cfg: Config, run_dir: str | Path, *, force: bool = False, call: Stage
     from pipeline.prompts import materialize
 
     run_dir = Path(run_dir).resolve()
-    RunRecord(run_dir).start(cfg, cfg.iterations)
+    rec = RunRecord(run_dir)
+    rec.repair()
     prompts = Ref.of(materialize(cfg, cache_root(cfg, run_dir)))
     policy = reference = policy_input(cfg)
-    history = []
+    history, started = [], False
     for i in range(cfg.iterations):
         refs = {"prompts": prompts, "policy": policy, "reference": reference}
         results = {}
         for name in STAGE_NAMES:
             results[name] = res = call(name, cfg, run_dir, i, refs, force)
-            refs[OUTPUT_LABEL[name]] = res.ref()
-        policy = results["update"].ref("model")
+            if not started:
+                rec.start(cfg, cfg.iterations)
+                started = True
+            refs[stage_spec(name).output] = res.output()
+        policy = refs["policy"]
         history.append(results)
         if on_iteration is not None:
             on_iteration(i, results)

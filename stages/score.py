@@ -29,20 +29,15 @@ import pyarrow.parquet as pq
 import schemas
 from pipeline.config import Config
 from pipeline.registry import Registry, UnknownName
+from pipeline.stage import Stage
 
-NAME, VERSION = "score", 1
-INPUTS = ("rollouts",)
 REWARDS: Registry = Registry("reward function", "score.reward_funcs")
 
 
-def implementation(cfg: Config) -> str:
-    return "score.rewards"
-
-
-def key_config(cfg: Config, iteration: int) -> dict:
-    # A user function's code is hashed too, so editing it reruns scoring.
-    funcs = {name: _code_digest(name) for name in cfg.score.reward_funcs}
-    return {"score": vars(cfg.score), "reward_code": funcs}
+def reward_code(cfg: Config) -> dict:
+    # A user function's whole module file is hashed too, so editing it (the function, a
+    # helper or a module constant) reruns scoring.
+    return {"reward_code": {name: _code_digest(name) for name in cfg.score.reward_funcs}}
 
 
 def _answers(columns: dict) -> list[str]:
@@ -169,3 +164,8 @@ def within_prompt_gap(prompt_ids: np.ndarray, lens: np.ndarray, correct: np.ndar
     len_ok = np.bincount(g, weights=lens * correct)[both] / n_ok[both]
     len_bad = np.bincount(g, weights=lens * ~correct)[both] / n_bad[both]
     return {"len_gap": float((len_bad - len_ok).mean()), "len_gap_prompts": int(both.sum())}
+
+
+STAGE = Stage(name="score", version=1, inputs=("rollouts",), output="scored",
+              reads=lambda cfg: ("score.*",), key_extra=reward_code,
+              implementation=lambda cfg: "score.rewards", run=run, module=__name__)

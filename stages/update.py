@@ -41,24 +41,22 @@ import torch.nn.functional as F
 import schemas
 from pipeline.config import Config
 from pipeline.models import load_policy, load_tokenizer, resolve_device
-from stages import losses
+from pipeline.stage import Stage, expand
 from stages.losses import ADVANTAGES, ALGORITHMS, DEFAULT_ADVANTAGE, LOSS_AGGS, k3_kl
 
-NAME, VERSION = "update", 2
-INPUTS = ("units", "policy", "reference")
-CODE_DEPS = (losses.__file__,)
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 PAIR_STRATEGIES = ("truncate", "eqlen")
 
 
-def implementation(cfg: Config) -> str:
-    return f"update.{cfg.update.algorithm}.{cfg.update.loss_agg}"
-
-
-def key_config(cfg: Config, iteration: int) -> dict:
-    u = {k: v for k, v in vars(cfg.update).items() if k not in ("device",)}
-    return {"update": u, "seed": cfg.seed, "iteration": iteration, "iterations": cfg.iterations,
-            "temperature": cfg.generate.temperature, "max_new_tokens": cfg.generate.max_new_tokens}
+def reads(cfg: Config) -> tuple[str, ...]:
+    keys = [k for k in expand(("update.*",), cfg) if k != "update.device"]
+    keys += ["seed", "generate.temperature", "generate.max_new_tokens",
+             "score.correct_threshold"]  # the length diagnostics split by correctness
+    if cfg.update.lr_schedule != "constant":
+        # Only a decaying schedule depends on the run's length; with `constant` an extended
+        # run (--iterations 4 -> 5) serves iterations 0-3 from the cache.
+        keys.append("iterations")
+    return tuple(keys)
 
 
 def pad(seqs: list[list], value, dtype) -> torch.Tensor:
@@ -188,6 +186,8 @@ def lr_at(step: int, cfg: Config) -> float:
     u = cfg.update
     if u.warmup_steps and step < u.warmup_steps:
         return u.lr * (step + 1) / u.warmup_steps
+    if u.lr_schedule == "constant":
+        return u.lr
     total = max(1, cfg.iterations * u.epochs * u.minibatches - u.warmup_steps)
     frac = min(1.0, max(0, step - u.warmup_steps) / total)
     if u.lr_schedule == "linear":
@@ -315,3 +315,10 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
                "tokens_trained": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
                "device": str(device)}
     return {"rows": n, "metrics": metrics}
+
+
+STAGE = Stage(name="update", version=2, inputs=("units", "policy", "reference"),
+              output="policy", output_sub="model", reads=reads, ignores=("update.device",),
+              packages=lambda cfg: ("torch", "transformers"),
+              implementation=lambda cfg: f"update.{cfg.update.algorithm}.{cfg.update.loss_agg}",
+              run=run, module=__name__, uses_iteration=True)

@@ -90,8 +90,9 @@ def test_killed_stage_leaves_nothing_visible(demo_cfg, tmp_path, monkeypatch):
     monkeypatch.setitem(pair.STRATEGIES._items, "group", boom)
     with pytest.raises(KeyboardInterrupt):
         run_online(demo_cfg, tmp_path)
+    # Nothing visible: no key folder (hidden names are the cache's lock and temp files).
     assert not (tmp_path / "cache" / "pair").exists() or not any(
-        p for p in (tmp_path / "cache" / "pair").iterdir() if not p.name.startswith(".tmp"))
+        p for p in (tmp_path / "cache" / "pair").iterdir() if not p.name.startswith("."))
     monkeypatch.undo()
     h = run_online(demo_cfg, tmp_path)  # resumes: earlier stages from cache
     assert h[0]["generate"].cached and h[0]["score"].cached and not h[0]["pair"].cached

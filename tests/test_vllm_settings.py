@@ -9,7 +9,7 @@ from stages import generate, vllm_engine
 
 
 def key(*overrides):
-    return generate.key_config(config.load(None, list(overrides)), 0)
+    return generate.STAGE.key_parts(config.load(None, list(overrides)), {}, 0)
 
 
 def test_vllm_settings_key_only_vllm_runs_and_only_what_changes_rollouts():
@@ -18,8 +18,11 @@ def test_vllm_settings_key_only_vllm_runs_and_only_what_changes_rollouts():
     assert key(*v, "generate.vllm_dtype=bfloat16") != key(*v)
     assert key(*v, "generate.vllm_block_size=64") != key(*v)
     for k in ("vllm_gpu_memory_utilization=0.5", "vllm_cpu_kvcache_gib=4",
-              "vllm_enforce_eager=true", "vllm_sync_check=false"):
+              "vllm_enforce_eager=true"):
         assert key(*v, f"generate.{k}") == key(*v), k           # where/how fast, not what
+    # The sync check adds metrics to the output: a cached run must report what a fresh one
+    # would, so toggling it reruns generate.
+    assert key(*v, "generate.vllm_sync_check=false") != key(*v)
     assert key(*v) != key()
 
 
