@@ -303,6 +303,7 @@ def validate(cfg: Config) -> Config:
          "update.clip_low and update.clip_high must be >= 0"),
         (cfg.update.dual_clip == 0 or cfg.update.dual_clip > 1, "update.dual_clip must be 0 (off) or > 1"),
         (cfg.update.beta >= 0, "update.beta must be >= 0"),
+        (cfg.pair.eps >= 0 and cfg.update.eps >= 0, "pair.eps and update.eps must be >= 0"),
         (not cfg.score.reward_weights or len(cfg.score.reward_weights) == len(cfg.score.reward_funcs),
          "score.reward_weights must be empty or have one weight per entry of score.reward_funcs"),
         (len(cfg.score.reward_funcs) >= 1, "score.reward_funcs must name at least one function"),

@@ -372,6 +372,9 @@ def online(cfg: Config, run_dir: str | Path, *, force: bool = False, call: Stage
     run_dir = Path(run_dir).resolve()
     rec = RunRecord(run_dir)
     rec.repair()
+    # Temporary folders of writers killed earlier (a forced stage, an OOM-killed run): gone
+    # now, unless a live writer still owns them.
+    cache.sweep(cache_root(cfg, run_dir))
     prompts = Ref.of(materialize(cfg, cache_root(cfg, run_dir)))
     policy = reference = policy_input(cfg)
     history, started = [], False
