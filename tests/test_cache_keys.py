@@ -247,3 +247,23 @@ def test_editing_a_reward_module_constant_reruns_score(make_cfg, tmp_path):
     (mods / "myreward.py").write_text(src.format(partial=0.5))
     cached, r05 = score_once()
     assert not cached and r05 > r02
+
+
+def test_a_tampered_input_is_never_trained_on_silently(make_cfg, tmp_path):
+    """Someone edits units.parquet under a finished run. The offline rerun of the update
+    refuses it, naming the file; `eqlen run` rebuilds the pair output (its files no longer
+    match its manifest) and then serves the update computed from the genuine units."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    cfg = make_cfg("iterations=1")
+    _run(cfg, tmp_path)
+    units = Path(runner.RunRecord(tmp_path).entry(0, "pair")["path"]) / "units.parquet"
+    t = pq.read_table(units)
+    pq.write_table(t.set_column(t.schema.get_field_index("advantage"), "advantage",
+                                pc.multiply(t.column("advantage"), -1.0)), units)
+    with pytest.raises(runner.RunError, match="units.*modified after it was written"):
+        runner.run_stage("update", cfg, tmp_path, 0,
+                         runner.resolve_inputs("update", cfg, tmp_path, 0), log=lambda m: None)
+    h = _run(cfg, tmp_path)
+    assert h[0]["score"].cached and not h[0]["pair"].cached and h[0]["update"].cached
