@@ -180,11 +180,11 @@ def _registry_choices(name: str) -> tuple[str, ...]:
     elif name == "strategies":
         from stages.pair import STRATEGIES as reg
     elif name == "algorithms":
-        from stages.update import ALGORITHMS as reg
+        from stages.losses import ALGORITHMS as reg
     elif name == "loss_aggs":
-        from stages.update import LOSS_AGGS as reg
+        from stages.losses import LOSS_AGGS as reg
     elif name == "advantages":
-        from stages.update import ADVANTAGES
+        from stages.losses import ADVANTAGES
         return ("auto", "units", *ADVANTAGES.names())
     else:  # pragma: no cover - a typo in this module
         raise KeyError(name)

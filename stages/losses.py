@@ -24,6 +24,9 @@ L_max = generate.max_new_tokens).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -32,6 +35,45 @@ from pipeline.registry import Registry
 LOSS_AGGS: Registry = Registry("loss aggregation", "update.loss_agg")
 ALGORITHMS: Registry = Registry("algorithm", "update.algorithm")
 ADVANTAGES: Registry = Registry("advantage estimator", "update.advantage")
+# Strategies whose two-member units take the pair form of an advantage (docs/method.md).
+PAIR_STRATEGIES = ("truncate", "eqlen")
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator and the scaling it uses unless told otherwise
+    (`update.scale_rewards=auto`). Called like its function."""
+    fn: Callable[..., np.ndarray]
+    scale: str
+
+    def __call__(self, *args, **kw) -> np.ndarray:
+        return self.fn(*args, **kw)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A policy-gradient objective: its per-token surrogate `loss` and the advantage
+    estimator it pairs with (`update.advantage=auto`; that estimator's default scaling goes
+    with it). Called like its loss."""
+    loss: Callable[..., tuple[torch.Tensor, dict]]
+    advantage: str
+
+    def __call__(self, *args, **kw) -> tuple[torch.Tensor, dict]:
+        return self.loss(*args, **kw)
+
+
+def algorithm(name: str, *, advantage: str):
+    def deco(fn):
+        ALGORITHMS.register(name)(Algorithm(fn, advantage))
+        return fn
+    return deco
+
+
+def estimator(name: str, *, scale: str):
+    def deco(fn):
+        ADVANTAGES.register(name)(Estimator(fn, scale))
+        return fn
+    return deco
 
 # ---------------------------------------------------------------- loss aggregations
 # Signature: (mask, unit, *, max_new_tokens, alpha) -> w [B, L], zero where mask is False.
@@ -119,7 +161,7 @@ def _clipped(ratio, a, clip_low, clip_high, dual_clip):
     return loss
 
 
-@ALGORITHMS.register("grpo")
+@algorithm("grpo", advantage="grpo")
 def grpo_token_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
                     dual_clip: float = 0.0, **_) -> tuple[torch.Tensor, dict]:
     """PPO/GRPO clipped surrogate, token-level ratio r = exp(logp - old):
@@ -130,7 +172,7 @@ def grpo_token_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
     return loss, _clip_stats(ratio.detach(), a, mask, clip_low, clip_high, logp - old)
 
 
-@ALGORITHMS.register("rloo")
+@algorithm("rloo", advantage="rloo")
 def rloo_token_loss(logp, old, adv, mask, **kw) -> tuple[torch.Tensor, dict]:
     """RLOO (Ahmadian et al. 2024) as TRL and verl run it: the same clipped token-level
     surrogate as grpo; what differs is the advantage (leave-one-out, see ADVANTAGES)."""
@@ -143,7 +185,7 @@ def sequence_ratio(logp, old, mask) -> torch.Tensor:
     return torch.exp(((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1))
 
 
-@ALGORITHMS.register("gspo")
+@algorithm("gspo", advantage="grpo")
 def gspo_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
               dual_clip: float = 0.0, **_) -> tuple[torch.Tensor, dict]:
     """GSPO (Zheng et al. 2025): sequence-level ratio s_b over the member's segment, clipped
@@ -247,7 +289,7 @@ def _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale, eps, l
     return np.divide(centred, denom, out=np.zeros(n), where=denom > 0)
 
 
-@ADVANTAGES.register("grpo")
+@estimator("grpo", scale="group")
 def grpo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="group",
                     eps=1e-4) -> np.ndarray:
     """Group: A_i = (R_i - mean_unit) / (std_unit + eps) (`scale`: group | batch | none;
@@ -257,7 +299,7 @@ def grpo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="
                      loo=False)
 
 
-@ADVANTAGES.register("rloo")
+@estimator("rloo", scale="none")
 def rloo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="none",
                     eps=1e-4) -> np.ndarray:
     """Leave-one-out: A_i = R_i - mean of the other members = G/(G-1) (R_i - mean).
@@ -266,4 +308,26 @@ def rloo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="
                      loo=True)
 
 
-DEFAULT_ADVANTAGE = {"grpo": "grpo", "gspo": "grpo", "rloo": "rloo"}
+def unit_advantages(rewards, unit_id, prompt_id, track_id, strategy, unit_size, *,
+                    estimator: str, scale: str = "auto", eps: float = 1e-4) -> np.ndarray:
+    """Every unit member's advantage: the one place that decides it, for the pair stage's
+    `advantage` column and for the update. A member of a two-member unit of a pair strategy
+    gets the pair form; `scale="auto"` is the estimator's own default."""
+    est = ADVANTAGES.get(estimator)
+    pair_unit = np.isin(np.asarray(strategy), PAIR_STRATEGIES) & (np.asarray(unit_size) == 2)
+    return est(np.asarray(rewards), np.asarray(unit_id), np.asarray(prompt_id),
+               np.asarray(track_id), pair_unit, scale=est.scale if scale == "auto" else scale,
+               eps=eps)
+
+
+def zero_signal(rewards, unit_id) -> np.ndarray:
+    """True for the members of units whose members' rewards are all equal: every
+    estimator gives them advantage 0, so they carry no policy-gradient signal."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    _, unit = np.unique(np.asarray(unit_id), return_inverse=True)
+    n = int(unit.max()) + 1 if len(unit) else 0
+    low = np.full(n, np.inf)
+    high = np.full(n, -np.inf)
+    np.minimum.at(low, unit, rewards)
+    np.maximum.at(high, unit, rewards)
+    return (low == high)[unit]

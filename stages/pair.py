@@ -58,10 +58,9 @@ import schemas
 from pipeline.config import Config
 from pipeline.registry import Registry
 from pipeline.stage import Stage
-from stages.losses import ADVANTAGES
+from stages.losses import unit_advantages, zero_signal
 
 STRATEGIES: Registry = Registry("pair strategy", "pair.strategy")
-PAIR_STRATEGIES = ("truncate", "eqlen")  # two-member units: the pair form of the advantage
 READS = ("prompt_id", "prompt_ids", "pair_id", "track_id", "parent_track_id", "birth_round",
          "own_start", "response_ids", "logprobs", "finish_reason", "reward")
 CHUNK_TOKENS = 1 << 24  # list values per output record batch: bounds the gather's memory
@@ -301,9 +300,9 @@ def default_advantages(scored: pa.Table, lin: Lineage, m: Members, cfg: Config) 
     """The `grpo` estimator of stages/losses.py (group form for `group`, pair form for
     `truncate`/`eqlen`), scaled as `pair.scale_rewards` says."""
     reward = scored.column("reward").to_numpy()[m.row]
-    pair_unit = (m.unit_size == 2) & (cfg.pair.strategy in PAIR_STRATEGIES)
-    return ADVANTAGES.get("grpo")(reward, m.unit_id, lin.prompt[m.row], lin.track_id[m.row],
-                                  pair_unit, scale=cfg.pair.scale_rewards, eps=cfg.pair.eps)
+    return unit_advantages(reward, m.unit_id, lin.prompt[m.row], lin.track_id[m.row],
+                           np.full(len(m.row), cfg.pair.strategy), m.unit_size,
+                           estimator="grpo", scale=cfg.pair.scale_rewards, eps=cfg.pair.eps)
 
 
 def build_table(scored: pa.Table, cfg: Config) -> pa.Table:
@@ -319,21 +318,15 @@ def metrics(units: pa.Table, scored: pa.Table) -> dict:
     tokens_generated = int(own.sum())
     tokens_in_units = int(np.count_nonzero(
         pc.list_flatten(units.column("loss_mask")).to_numpy(zero_copy_only=False)))
-    unit_ids, unit = np.unique(units.column("unit_id").to_numpy(), return_inverse=True)
-    zero_signal = 0
-    if len(unit):
-        order = np.argsort(unit, kind="stable")
-        reward = units.column("reward").to_numpy()[order]
-        starts = np.flatnonzero(np.r_[True, unit[order][1:] != unit[order][:-1]])
-        zero_signal = int(np.count_nonzero(np.minimum.reduceat(reward, starts)
-                                           == np.maximum.reduceat(reward, starts)))
+    unit_id = units.column("unit_id").to_numpy()
+    silent = zero_signal(units.column("reward").to_numpy(), unit_id)
     return {
-        "units": len(unit_ids),
+        "units": len(np.unique(unit_id)),
         "members": units.num_rows,
         "tokens_in_units": tokens_in_units,
         "tokens_generated": tokens_generated,
         "effective_token_ratio": tokens_in_units / tokens_generated if tokens_generated else 0.0,
-        "zero_signal_units": zero_signal,
+        "zero_signal_units": len(np.unique(unit_id[silent])),
     }
 
 

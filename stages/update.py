@@ -42,10 +42,10 @@ import schemas
 from pipeline.config import Config
 from pipeline.models import load_policy, load_tokenizer, resolve_device
 from pipeline.stage import Stage, expand
-from stages.losses import ADVANTAGES, ALGORITHMS, DEFAULT_ADVANTAGE, LOSS_AGGS, k3_kl
+from stages import losses
+from stages.losses import ALGORITHMS, LOSS_AGGS, k3_kl
 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
-PAIR_STRATEGIES = ("truncate", "eqlen")
 
 
 def reads(cfg: Config) -> tuple[str, ...]:
@@ -89,24 +89,17 @@ def segment_logprobs(model, context: list[list[int]], segment: list[list[int]], 
 def advantages(cols: dict[str, list], cfg: Config) -> np.ndarray:
     """Each member's advantage under `update.advantage` (see stages/losses.py)."""
     u = cfg.update
-    name = DEFAULT_ADVANTAGE[u.algorithm] if u.advantage == "auto" else u.advantage
+    name = ALGORITHMS.get(u.algorithm).advantage if u.advantage == "auto" else u.advantage
     if name == "units":
         return np.asarray(cols["advantage"], dtype=np.float64)
-    scale = u.scale_rewards if u.scale_rewards != "auto" else \
-        {"grpo": "group", "rloo": "none"}[name]
-    pair_unit = np.array([s in PAIR_STRATEGIES and n == 2
-                          for s, n in zip(cols["strategy"], cols["unit_size"])])
-    return ADVANTAGES.get(name)(
-        np.asarray(cols["reward"]), np.asarray(cols["unit_id"]), np.asarray(cols["prompt_id"]),
-        np.asarray(cols["track_id"]), pair_unit, scale=scale, eps=u.eps)
+    return losses.unit_advantages(cols["reward"], cols["unit_id"], cols["prompt_id"],
+                                  cols["track_id"], cols["strategy"], cols["unit_size"],
+                                  estimator=name, scale=u.scale_rewards, eps=u.eps)
 
 
 def zero_signal(cols: dict[str, list]) -> np.ndarray:
     """True for members of units whose members' rewards are all equal."""
-    rewards: dict[int, set] = {}
-    for uid, r in zip(cols["unit_id"], cols["reward"]):
-        rewards.setdefault(uid, set()).add(r)
-    return np.array([len(rewards[uid]) == 1 for uid in cols["unit_id"]])
+    return losses.zero_signal(cols["reward"], cols["unit_id"])
 
 
 def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: int, device, *,

@@ -51,7 +51,7 @@ def test_trl_advantages_by_hand_and_equal_to_eqlen(make_cfg):
     want = [0.75 / 0.5001] + [-0.25 / 0.5001] * 3 + [0.0] * 4
     assert np.allclose(got, want, atol=1e-6)
     cols = {"reward": rewards, "unit_id": unit, "prompt_id": ["a"] * 4 + ["b"] * 4,
-            "round": [0] * 8, "strategy": ["group"] * 8, "unit_size": [4] * 8}
+            "track_id": list(range(8)), "strategy": ["group"] * 8, "unit_size": [4] * 8}
     assert np.allclose(advantages(cols, make_cfg()), want, atol=1e-6)
 
 
