@@ -14,7 +14,7 @@ Baseline, measured in the same run on the same file: `pq.read_table` of the scor
 plus `pq.write_table` of that table (the same rows) to a new file. The ratio stage /
 baseline is what the pair stage costs beyond moving the bytes.
 
-The synthetic data follows the lock-step rules of DESIGN.md section 2 (stages/hf_engine.py),
+The synthetic data follows the lock-step rules of docs/method.md (stages/hf_engine.py),
 built with numpy: both tracks of a pair start together; when one ends and the pair has
 rounds left, a newcomer inherits the survivor's prefix up to that step (own_start) and draws
 a fresh continuation. Lengths are geometric with mean --max-new-tokens / 3, cut at

@@ -1,4 +1,4 @@
-"""Content-addressed stage cache (DESIGN.md invariants 5 and 6).
+"""Content-addressed stage cache (docs/method.md invariants 5 and 6).
 
 A stage output lives in `CACHE/<stage>/<key>/`, where
 

@@ -1,4 +1,4 @@
-"""The `eqlen` command line (DESIGN.md section 5).
+"""The `eqlen` command line (docs/method.md, "Interfaces").
 
     eqlen run   [--config FILE] [--run-dir DIR] [--iterations N] [--set KEY=VALUE ...] [--force]
     eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]

@@ -1,6 +1,6 @@
 """Arrow schemas of the datasets the stages exchange, with every column documented.
 
-Four datasets flow through the pipeline (DESIGN.md section 5):
+Four datasets flow through the pipeline (docs/method.md, "Interfaces"):
 
     prompts --generate--> rollouts --score--> scored --pair--> units --update--> policy
 

@@ -1,4 +1,4 @@
-"""Check a run directory's datasets against the invariants of DESIGN.md section 4.
+"""Check a run directory's datasets against the invariants of docs/method.md, "Invariants".
 
     .venv/bin/python scripts/check_run.py RUN_DIR [--iterations 0,3,9]
 

@@ -4,7 +4,7 @@ Reads the prompt dataset and the policy folder, takes this iteration's prompts (
 shuffle of the dataset, `data.prompts_per_iteration` at a time, cycling), and samples
 `generate.group_size` tracks per prompt, organised as pairs, with the engine named by
 `generate.engine`. With `generate.rounds > 1` the pairs use prefix inheritance (see
-`stages/hf_engine.py` and DESIGN.md section 2); with `rounds = 1` a pair is just two
+`stages/hf_engine.py` and docs/method.md); with `rounds = 1` a pair is just two
 independent samples, so the group strategy sees an ordinary GRPO group.
 
 Writes `rollouts.parquet`, one row per completed track (schema `rollouts`): token ids,

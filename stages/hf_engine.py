@@ -5,7 +5,7 @@ A prompt owns `group_size` batch slots, organised as pairs of two adjacent slots
 tracks of a pair start from the same context (the prompt), so after `s` steps both hold
 `s` response tokens unless one has ended (EOS, or `max_new_tokens` over the whole response).
 
-Prefix inheritance (DESIGN.md section 2): when one track of a pair ends while the other,
+Prefix inheritance (docs/method.md): when one track of a pair ends while the other,
 the survivor, goes on, and the pair has rounds left, the ended track is emitted and its
 slot is refilled by a newcomer that inherits the survivor's prefix. Because both slots
 share the prompt, the left padding and the step count, the newcomer's state is exactly a

@@ -8,7 +8,7 @@ where `l` is the per-token surrogate of the algorithm and `w` the per-token weig
 loss aggregation. Writing the aggregation as an explicit weight tensor, computed once over
 the whole mini-batch before it is split into micro-batches, makes gradient accumulation
 exact (micro-batch gradients sum to the full-batch gradient) and makes `w` a diagnostic:
-it is what couples a token's gradient to the length of its response (DESIGN.md section 1).
+it is what couples a token's gradient to the length of its response (docs/method.md and docs/objectives.md).
 
 Tensors: B sequences (unit members) of a mini-batch, L = its longest segment.
     mask        [B, L] bool   token enters the loss

@@ -13,7 +13,7 @@ strategy (`pair.strategy`, a registry) decides what they are:
   advantage: the pair difference R_a - R_b (and R_b - R_a), divided by the std of all the
   prompt's rewards in the units (one per track) + eps under `pair.scale_rewards=group`;
   |A| < sqrt(2 (n - 1)) for n tracks (docs/method.md).
-- `eqlen`: the full method (DESIGN.md section 2). The pair's lineage is replayed round by
+- `eqlen`: the full method (docs/method.md). The pair's lineage is replayed round by
   round: in round k the two current tracks continue from the same context c_k at offset o_k;
   m_k = min of their remaining lengths; the unit holds both segments [o_k, o_k + m_k).
   If one track ended there and a track born in round k+1 inherited the survivor's prefix,
@@ -27,7 +27,7 @@ inheriting tracks are left out of them (they show up as a lower effective token 
 Every strategy writes one row per unit member (schema `units`), self-contained: context
 ids, segment ids, old log-probs, loss mask, reward, default advantage, lengths. So a units
 dataset can be trained on, inspected or reused without the rollouts it came from, and
-swapping the strategy changes no schema (DESIGN.md invariant 4).
+swapping the strategy changes no schema (docs/method.md invariant 4).
 
 Metrics: `units`, `tokens_in_units` (loss-mask tokens), `tokens_generated` (tracks' own
 tokens), `effective_token_ratio` (their quotient) and `zero_signal_units` (units whose

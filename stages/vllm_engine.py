@@ -4,7 +4,7 @@ vLLM's offline `LLM` runs in-process, next to the trainer. It cannot be stepped 
 lock-step one token at a time, and it does not need to: in a pair the survivor's tokens are
 sampled independently of its partner, so sampling each track to its end in one request
 gives the same distribution as the lock-step engine (`stages/hf_engine.py`). Rounds
-(DESIGN.md section 2) are then replayed from the finished requests:
+(docs/method.md) are then replayed from the finished requests:
 
 - round 0: every track is a request on the prompt, `max_tokens = T`;
 - after round k, in each pair m_k = the shorter continuation from the round's offset o_k.

@@ -1,4 +1,4 @@
-"""An independent checker of DESIGN.md invariants 1-3 on rollouts and units rows.
+"""An independent checker of docs/method.md invariants 1-3 on rollouts and units rows.
 
 Written from the design text, not from stages/pair.py, so it can catch the pair stage
 disagreeing with the definition. Rows are dicts (as `Table.to_pylist()` gives them).

@@ -1,4 +1,4 @@
-"""EqLen sample construction: engine lineage and pair strategies against DESIGN.md section 2.
+"""EqLen sample construction: engine lineage and pair strategies against docs/method.md.
 
 Property tests drive the real lock-step engine with a scripted LM (tests/scripted_lm.py) over
 random length patterns and check invariants 1-3 with an independent checker

@@ -1,7 +1,7 @@
 """The columnar pair stage and advantage estimators against the loops they replaced.
 
 `ref_*` below is the pair stage as it was written first: a loop over rows as Python dicts,
-slow (minutes on 1M rows) but obviously the definition of DESIGN.md section 2. The columnar
+slow (minutes on 1M rows) but obviously the definition of docs/method.md. The columnar
 stage must give the same units: same rows, columns, values (advantages bit for bit) and
 order, and the same metrics — on rollouts from the real lock-step engine (hypothesis), on
 the benchmark's synthetic lineage (seeded) and on hand-made edge cases.

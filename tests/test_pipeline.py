@@ -1,5 +1,5 @@
 """The stages chained through the run directory, without Prefect: cache semantics
-(DESIGN.md invariants 5 and 6) on real Parquet and a real transformers policy."""
+(docs/method.md invariants 5 and 6) on real Parquet and a real transformers policy."""
 
 import json
 import shutil

@@ -79,7 +79,7 @@ def test_rollouts_meet_the_invariants_and_logprobs_are_the_trainers(policy_dir, 
 
 
 def test_newcomers_sample_from_the_inherited_context(policy_dir, tok, model):
-    """The request-based refill gives the distribution of DESIGN.md section 2: a newcomer's
+    """The request-based refill gives the distribution of docs/method.md: a newcomer's
     first own token is a fresh sample from p(. | prompt + survivor prefix) (KS test on the
     randomised PIT at the 1% level), and the same test with the prompt alone rejects."""
     T = 1.5
