@@ -23,43 +23,18 @@ recomputes (as TRL does); with top_p/top_k < off the sampler draws from the filt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-
-@dataclass
-class Track:
-    track_id: int
-    pair_id: int
-    prompt_index: int
-    parent_track_id: int | None
-    birth_round: int
-    own_start: int
-    response_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = ""
-
-
-    def row(self, prompt_ids: list[list[int]]) -> dict:
-        """The track as a rollouts-style dict (lineage, ids, log-probs), keyed by prompt index."""
-        return {"prompt_id": str(self.prompt_index), "prompt_ids": prompt_ids[self.prompt_index],
-                "pair_id": self.pair_id, "track_id": self.track_id,
-                "parent_track_id": self.parent_track_id, "birth_round": self.birth_round,
-                "own_start": self.own_start, "response_ids": self.response_ids,
-                "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+from pipeline.models import load_policy, resolve_device
+from stages.engine import Stats, Track, engine
 
 
 @dataclass
-class Stats:
-    steps: int = 0
-    forward_tokens: int = 0       # tokens fed through the model (prefill + decode, incl. idle rows)
-    prefill_tokens: int = 0       # prompt tokens prefilled (once per distinct prompt)
-    generated_tokens: int = 0     # tokens sampled for tracks (own tokens)
-    inherited_tokens: int = 0     # prefix tokens newcomers got by KV copy instead of re-prefill
-    kv_copies: int = 0
-    prefix_cached_tokens: int = 0  # prompt tokens served from a prefix cache (vllm engine)
-    inherited_cached_tokens: int = 0  # of those, on newcomers' requests (prompt + inherited)
+class HFStats(Stats):
+    kv_copies: int = 0            # newcomers that copied their survivor's KV-cache rows
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -80,10 +55,10 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds: int,
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   eos_id: int, pad_id: int, generator: torch.Generator,
-                  first_track_id: int = 0, first_pair_id: int = 0) -> tuple[list[Track], Stats]:
+                  first_track_id: int = 0, first_pair_id: int = 0) -> tuple[list[Track], HFStats]:
     """Sample `group_size` tracks per prompt in lock-step pairs; returns finished tracks."""
     device = next(model.parameters()).device
-    n_prompts, stats = len(prompt_ids), Stats()
+    n_prompts, stats = len(prompt_ids), HFStats()
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((n_prompts, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n_prompts, width), dtype=torch.long)
@@ -189,3 +164,32 @@ def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds
         stats.forward_tokens += feed.numel()
 
     return finished, stats
+
+
+@engine("hf", ignores=("generate.batch_tracks", "generate.device"))
+def generate(policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer,
+             check_ids: list[int]) -> tuple[list[Track], dict]:
+    """The engine contract (stages/engine.py) over `sample_tracks`, in chunks of
+    `generate.batch_tracks` tracks."""
+    g = cfg.generate
+    device = resolve_device(g.device)
+    model = load_policy(policy_dir, device)
+    # The sampler draws on the model's device; one seeded stream per (seed, iteration).
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
+    per_chunk = max(1, g.batch_tracks // g.group_size)
+    tracks, totals = [], HFStats()
+    for start in range(0, len(prompt_ids), per_chunk):
+        chunk = prompt_ids[start:start + per_chunk]
+        got, st = sample_tracks(
+            model, chunk, group_size=g.group_size, rounds=g.rounds,
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+            top_k=g.top_k, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            generator=gen, first_track_id=len(tracks),
+            first_pair_id=start * g.group_size // 2)
+        for t in got:
+            t.prompt_index += start
+        tracks += got
+        totals.add(st)
+        ctx.log(f"  generate: {min(start + per_chunk, len(prompt_ids))}/{len(prompt_ids)} prompts, "
+                f"{len(tracks)} tracks")
+    return tracks, vars(totals)

