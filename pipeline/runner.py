@@ -253,6 +253,8 @@ class RunRecord:
                                     yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def record(self, r: StageResult) -> None:
+        # The cache learns which runs use it (`eqlen datasets`, `eqlen gc`).
+        register_run(Path(r.path).parent.parent, self.run_dir)
         entry = {k: v for k, v in asdict(r).items() if k not in ("stage", "iteration", "metrics")}
         entry["path"] = self.rel(r.path)
         entry["inputs"] = {k: {"path": self.rel(v.path), "digest": v.digest}
@@ -319,17 +321,97 @@ class RunRecord:
         return flags
 
 
-def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int) -> dict[str, Ref]:
+RUNS_DIR = ".runs"  # in a cache root: one small file per run directory that recorded into it
+
+
+def register_run(root: Path, run_dir: Path) -> None:
+    """Note in cache root `root` that `run_dir` records outputs from it (idempotent)."""
+    import hashlib
+
+    d = Path(root) / RUNS_DIR
+    f = d / (hashlib.sha256(str(run_dir).encode()).hexdigest()[:16] + ".json")
+    if not f.is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        cache.atomic_write_text(f, json.dumps({"run_dir": str(run_dir)}))
+
+
+def registered_runs(root: Path) -> list[Path]:
+    """Run directories that recorded outputs from cache root `root` and still exist."""
+    out = []
+    for f in sorted((Path(root) / RUNS_DIR).glob("*.json")):
+        try:
+            d = Path(json.loads(f.read_text())["run_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (d / "run.json").is_file():
+            out.append(d)
+    return out
+
+
+# Dataset folders by input label: the file a stage reads and its schema (for --input).
+DATASET_FILES = {"prompts": "prompts.parquet", "rollouts": "rollouts.parquet",
+                 "scored": "scored.parquet", "units": "units.parquet"}
+
+
+def external_input(label: str, path: str | Path) -> Ref:
+    """A dataset folder given by the user (`eqlen stage NAME --input LABEL=PATH`): another
+    run's output or a folder copied from a colleague, checked against its schema first."""
+    import pyarrow.parquet as pq
+
+    import schemas
+
+    path = Path(path).expanduser().resolve()
+    if label in DATASET_FILES:
+        f = path / DATASET_FILES[label]
+        if not f.is_file():
+            raise RunError(f"--input {label}={path}: no {DATASET_FILES[label]} in that folder; "
+                           f"give the folder of a '{label}' dataset (a stage output folder)")
+        try:
+            table = pq.read_table(f)
+        except Exception as e:  # pyarrow raises several types for a non-Parquet file
+            raise RunError(f"--input {label}={path}: {f} is not a readable Parquet file "
+                           f"({type(e).__name__}: {e})") from None
+        schemas.validate(table, schemas.ALL[label], f)
+    elif label in ("policy", "reference"):
+        if not (path / "config.json").is_file():
+            raise RunError(f"--input {label}={path}: not a Hugging Face model folder (no "
+                           "config.json); give a folder written by save_pretrained")
+    else:
+        raise RunError(f"--input {label}=...: unknown dataset label; valid: "
+                       f"{', '.join([*DATASET_FILES, 'policy', 'reference'])}")
+    if not path.is_dir():
+        raise RunError(f"--input {label}={path}: not a folder")
+    return Ref.of(path)
+
+
+def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int,
+                   given: dict[str, str | Path] | None = None) -> dict[str, Ref]:
     """Inputs of a stage from the run record: what the offline rerun (`eqlen stage`) uses.
     A label made by another stage comes from that stage's output recorded now; the run's
-    own inputs come from what this stage (or another of the iteration) recorded."""
+    own inputs come from what this stage (or another of the iteration) recorded. `given`
+    ({label: folder}, `--input`) overrides any of them with a dataset folder from anywhere;
+    a label neither given nor recorded in a new run directory comes from the config
+    (`model` for the policy and the reference; `data.prompts` for the prompts)."""
     spec = stage_spec(name)
     rec = RunRecord(run_dir)
     if iteration < 0:
         raise RunError(f"--iteration {iteration}: iterations are numbered from 0")
-    its = rec.entries()
-    inputs = {}
+    unknown = set(given or {}) - set(spec.inputs)
+    if unknown:
+        raise RunError(f"stage {name} has no input {sorted(unknown)}; its inputs: "
+                       f"{', '.join(spec.inputs)}")
+    its = rec.entries() if rec.path.is_file() else []
+    inputs = {label: external_input(label, p) for label, p in (given or {}).items()}
     for label in spec.inputs:
+        if label in inputs:
+            continue
+        if not its and label in ("policy", "reference"):
+            inputs[label] = policy_input(cfg)
+            continue
+        if not its and label == "prompts":
+            from pipeline.prompts import materialize
+            inputs[label] = Ref.of(materialize(cfg, cache_root(cfg, rec.run_dir)))
+            continue
         src = producer(label, name, iteration)
         if src is not None:
             e = rec.entry(src[1], src[0])
