@@ -4,7 +4,7 @@
 
 For every iteration recorded in RUN_DIR/run.json it opens the `scored` rollouts and the
 `units` written by the pair stage, and
-- runs the test suite's independent checker (tests/invariants.py) on them: lineage and
+- runs the test suite's independent checker (eqlen_testing/invariants.py) on them: lineage and
   lock-step rules of the rounds, the budget, EOS; every unit's members equal in length
   and built from the rollouts as the strategy says;
 - recomputes every recorded sampling log-prob of a track's own tokens with a plain
@@ -16,20 +16,16 @@ Either engine's output can be checked; a failed invariant stops with its message
 from __future__ import annotations
 
 import argparse
-import sys
 import traceback
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from invariants import check_rollouts, check_units  # noqa: E402
-from pipeline import cli, config  # noqa: E402
-from pipeline.runner import RunRecord  # noqa: E402
-from pipeline.models import load_policy, load_tokenizer  # noqa: E402
+from eqlen_testing.invariants import check_rollouts, check_units
+from pipeline import cli, config
+from pipeline.runner import RunRecord
+from pipeline.models import load_policy, load_tokenizer
 
 
 def max_logprob_diff(model, rows: list[dict], temperature: float) -> float:
@@ -79,7 +75,7 @@ def main() -> None:
         except AssertionError as e:
             where = traceback.extract_tb(e.__traceback__)[-1]
             raise SystemExit(f"iteration {it['index']}: invariant failed in {st['score']['path']}"
-                             f" / {st['pair']['path']}: {e or ''} (tests/invariants.py line "
+                             f" / {st['pair']['path']}: {e or ''} (eqlen_testing/invariants.py line "
                              f"{where.lineno}: {where.line})") from None
         model = load_policy(policy_dir, torch.device("cpu"))
         diff = max_logprob_diff(model, rollouts, g.temperature)

@@ -18,7 +18,7 @@ from pipeline import config
 from stages import losses, pair
 from stages.update import advantages as update_advantages
 from test_pair_vectorised import R
-from scripted_lm import EOS
+from eqlen_testing.scripted_lm import EOS
 
 REWARD_KINDS = {
     "binary": [0.0, 1.0],

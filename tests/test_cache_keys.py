@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import config, runner, stage
 from pipeline.report import show_data
-from stages import generate, pair, score, update
+from stages import pair, score
 
 SPECS = {name: runner.stage_spec(name) for name in runner.STAGE_NAMES}
 DIGESTS = {"prompts": "p", "policy": "m", "reference": "m", "rollouts": "r", "scored": "s",

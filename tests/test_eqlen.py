@@ -1,8 +1,8 @@
 """EqLen sample construction: engine lineage and pair strategies against docs/method.md.
 
-Property tests drive the real lock-step engine with a scripted LM (tests/scripted_lm.py) over
+Property tests drive the real lock-step engine with a scripted LM (eqlen_testing/scripted_lm.py) over
 random length patterns and check invariants 1-3 with an independent checker
-(tests/invariants.py); hand-made cases pin the edge cases by name.
+(eqlen_testing/invariants.py); hand-made cases pin the edge cases by name.
 """
 
 import numpy as np
@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from invariants import check_rollouts, check_units
+from eqlen_testing.invariants import check_rollouts, check_units
 from pipeline import config
-from scripted_lm import EOS, PAD, ScriptedLM, next_logprobs
+from eqlen_testing.scripted_lm import EOS, PAD, ScriptedLM, next_logprobs
 from stages import hf_engine, pair
 
 

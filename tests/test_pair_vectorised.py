@@ -7,9 +7,7 @@ order, and the same metrics — on rollouts from the real lock-step engine (hypo
 the benchmark's synthetic lineage (seeded) and on hand-made edge cases.
 """
 
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,14 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from invariants import check_units
+from eqlen_testing.invariants import check_units
 from pipeline import config
 from pipeline.runner import Context
-from scripted_lm import EOS, PAD, ScriptedLM
+from eqlen_testing.scripted_lm import EOS, PAD, ScriptedLM
 from stages import hf_engine, losses, pair
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_pair import synthetic_scored  # noqa: E402
+from eqlen_testing.synthetic import synthetic_scored
 
 # ----------------------------------------------------------------- reference: the dict loops
 

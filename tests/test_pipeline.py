@@ -100,7 +100,7 @@ def test_killed_stage_leaves_nothing_visible(demo_cfg, tmp_path, monkeypatch):
 
 def test_eqlen_run_on_disk_passes_the_invariant_checker(make_cfg, policy_dir, tmp_path):
     """generate.rounds=4 + pair.strategy=eqlen through the real stages and Parquet files."""
-    from invariants import check_rollouts, check_units
+    from eqlen_testing.invariants import check_rollouts, check_units
 
     cfg = make_cfg(f"model={policy_dir}", "generate.rounds=4", "pair.strategy=eqlen",
                    "data.prompts_per_iteration=16", "generate.temperature=1.5", "iterations=1")

