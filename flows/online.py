@@ -11,25 +11,70 @@ from the newest weights.
 
 Runs against whatever Prefect API is configured (`PREFECT_API_URL`, e.g. a `prefect server
 start`); with none, Prefect starts a temporary local server for the run.
+
+User errors (`EqLenError`, and a stage's out-of-memory error turned into one) end the task
+run and the flow run in Prefect's `Failed` state with the message, and the flow call raises
+the error once, for the command line to print as one line. Prefect would also log each
+failure with a traceback at ERROR level (task run, then flow run); for a user error those
+console records are dropped (`_QuietUserErrors`): the message says it all, and the UI still
+shows the failed states and their messages. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from pipeline import config as config_mod
-from pipeline import report, runner
+from pipeline import preflight, report, runner
+from pipeline.errors import EqLenError
+
+
+class _QuietUserErrors(logging.Filter):
+    """Drops Prefect's ERROR records of task and flow runs once a user error has ended the
+    current flow (they repeat the message with a traceback of our own code)."""
+
+    failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.failed and record.levelno >= logging.ERROR
+                    and record.name.startswith(("prefect.task_runs", "prefect.flow_runs")))
+
+
+_QUIET = _QuietUserErrors()
+
+
+def _install_quiet_filter() -> None:
+    """On the console handlers only (root's, where Prefect's run loggers propagate), so the
+    API log handler still records everything."""
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and _QUIET not in h.filters:
+                h.addFilter(_QUIET)
+
+
+def _user_failure(e: EqLenError) -> State:
+    _QUIET.failed = True
+    return Failed(message=str(e), data=e)
 
 
 def _stage(name: str, cfg_data: dict, run_dir: str, iteration: int, inputs: dict,
            force: bool) -> runner.StageResult:
     cfg = config_mod.load(base=cfg_data)
-    res = runner.run_stage(name, cfg, run_dir, iteration, inputs, force=force)
+    try:
+        res = runner.run_stage(name, cfg, run_dir, iteration, inputs, force=force)
+    except EqLenError as e:
+        return _user_failure(e)
+    except Exception as e:
+        if preflight.is_out_of_memory(e):
+            return _user_failure(preflight.out_of_memory(name, e, cfg))
+        raise
     if res.cached:
         return Completed(data=res, name="Cached",
                          message=f"served from cache {res.key} ({res.path})")
@@ -48,7 +93,12 @@ def _as_task(name: str, cfg: config_mod.Config, run_dir: Path, iteration: int, r
 
 @flow(name="eqlen-online", log_prints=False, persist_result=False)
 def online(cfg_data: dict, run_dir: str, force: bool = False) -> list[dict]:
-    cfg = config_mod.load(base=cfg_data)
-    history = runner.online(cfg, run_dir, force=force, call=_as_task,
-                            on_iteration=report.iteration_line)
+    _QUIET.failed = False
+    _install_quiet_filter()
+    try:
+        cfg = config_mod.load(base=cfg_data)
+        history = runner.online(cfg, run_dir, force=force, call=_as_task,
+                                on_iteration=report.iteration_line)
+    except EqLenError as e:  # from a task (its Failed state re-raised) or the loop itself
+        return _user_failure(e)
     return [{k: v.__dict__ for k, v in it.items()} for it in history]

@@ -5,11 +5,18 @@
 format and a changed source file changes every key after it. Sources: `demo`, a `.parquet`
 file or folder of them, `.jsonl` or `.json` (records). A missing `prompt_id` column is
 filled from the row number; any other missing or malformed column is an error naming the
-file and the column.
+file and the column. A file that cannot be read (not UTF-8, a line that is not JSON, no
+records, a column whose rows mix types) is an error naming the file and the 1-based line.
+
+`load_table(cfg)` builds the same table in memory without writing anything: the
+command line's preflight checks (pipeline/preflight.py) read the prompt file's columns and
+first rows through it before any stage starts, and `materialize` then reuses the table.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,69 +28,212 @@ from pipeline import cache
 from pipeline.config import Config
 
 VERSION = 1
+_RECORD = 'one JSON object per line, e.g. {"prompt": "...", "answer": "..."}'
+
+
+def _fail(msg: str):
+    raise schemas.SchemaError(msg)
+
+
+def _text(p: Path, data: bytes) -> str:
+    """The file's text; non-UTF-8 bytes are an error naming the line and column."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        start = e.start
+        line = data.count(b"\n", 0, start) + 1
+        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        _fail(f"file {p}, line {line}: not UTF-8 text (byte 0x{data[start]:02x} at column "
+              f"{col}). Save the file as UTF-8.")
+
+
+def _table(p: Path, records: list[dict], lines: list[int] | None) -> pa.Table:
+    """Records -> table; a column whose rows hold different types is an error naming it."""
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        pass
+    where = (lambda i: f"line {lines[i]}") if lines else (lambda i: f"record {i + 1}")
+    names = list(dict.fromkeys(k for r in records for k in r))
+    for name in names:
+        values = [r.get(name) for r in records]
+        try:
+            pa.array(values)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass
+        first = next(i for i, v in enumerate(values) if v is not None)
+        kind = _kind(values[first])
+        other = next((i for i, v in enumerate(values) if v is not None and _kind(v) != kind),
+                     None)
+        if other is None:
+            _fail(f"file {p}, column '{name}': its values cannot be stored as one column "
+                  f"(first at {where(first)}). Give every row the same type.")
+        _fail(f"file {p}, column '{name}': {where(first)} holds {kind}, {where(other)} holds "
+              f"{_kind(values[other])}. Give every row the same type (e.g. quote numbers as "
+              "strings).")
+    _fail(f"file {p}: the records cannot be stored as a table. Give every row the same "
+          "columns and types.")
+
+
+def _kind(v) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def read_jsonl(p: Path) -> pa.Table:
+    data = p.read_bytes()
+    text = _text(p, data)
+    if not text.strip():
+        _fail(f"file {p} is empty: it holds no records. Write {_RECORD}.")
+    try:  # fast path; its errors name no line, so the slow path below finds the line
+        return pj.read_json(io.BytesIO(text.encode()))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    records, lines = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail(f"file {p}, line {n}: not valid JSON ({e.msg} at column {e.colno}). "
+                  f"Write {_RECORD}.")
+        if not isinstance(rec, dict):
+            _fail(f"file {p}, line {n}: expected a JSON object, got {_kind(rec)}. "
+                  f"Write {_RECORD}.")
+        records.append(rec)
+        lines.append(n)
+    return _table(p, records, lines)
+
+
+def read_json(p: Path) -> pa.Table:
+    text = _text(p, p.read_bytes())
+    if not text.strip():
+        _fail(f"file {p} is empty: it holds no records. Write a JSON list of objects.")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(f"file {p}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).")
+    if not isinstance(data, list):
+        _fail(f"file {p}: expected a JSON list of records, got {_kind(data)}. For one record "
+              "per line use a .jsonl file.")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            _fail(f"file {p}, record {i + 1}: expected a JSON object, got {_kind(rec)}.")
+    return _table(p, data, None)
 
 
 def read_source(source: str) -> pa.Table:
     p = Path(source).expanduser()
     if not p.exists():
-        raise schemas.SchemaError(f"data.prompts: {source} does not exist; give `demo` or a "
-                                  ".parquet/.jsonl/.json file or folder of Parquet files")
-    if p.is_dir() or p.suffix == ".parquet":
-        return pq.read_table(p)
-    if p.suffix in (".jsonl", ".json"):
-        if p.suffix == ".json":
-            import json
-            data = json.loads(p.read_text())
-            if not isinstance(data, list):
-                raise schemas.SchemaError(f"file {p}: expected a JSON list of records")
-            return pa.Table.from_pylist(data)
-        return pj.read_json(p)
-    raise schemas.SchemaError(f"data.prompts: {p} has unknown format {p.suffix!r}; use .parquet, "
-                              ".jsonl or .json")
+        _fail(f"data.prompts: {source} does not exist; give `demo` or a "
+              ".parquet/.jsonl/.json file or folder of Parquet files")
+    if not (p.is_dir() or p.suffix in (".parquet", ".jsonl", ".json")):
+        _fail(f"data.prompts: {p} has unknown format {p.suffix!r}; use .parquet, .jsonl or .json")
+    try:
+        if p.is_dir() or p.suffix == ".parquet":
+            try:
+                table = pq.read_table(p)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+                if isinstance(e, PermissionError):
+                    raise
+                _fail(f"data.prompts: {p} is not readable as Parquet ({e}). Give a Parquet "
+                      "file, or a folder holding only Parquet files.")
+        else:
+            table = read_json(p) if p.suffix == ".json" else read_jsonl(p)
+    except PermissionError as e:
+        _fail(f"data.prompts: {e.filename or p} cannot be read (permission denied). Make it "
+              "readable for this user.")
+    except IsADirectoryError:
+        _fail(f"data.prompts: {p} is a folder; only Parquet files may be given as a folder.")
+    if table.num_rows == 0:
+        _fail(f"data.prompts: {p} holds no records. Give a file with at least one prompt.")
+    return table
+
+
+def source_digest(cfg: Config):
+    d = cfg.data
+    if d.prompts == "demo":
+        return {"demo": d.demo_size, "seed": cfg.seed}
+    p = Path(d.prompts).expanduser()
+    try:
+        return cache.folder_digest(p) if p.is_dir() else cache.source_digest(p)
+    except FileNotFoundError:
+        read_source(d.prompts)  # raises naming the file
+        raise
+    except PermissionError as e:
+        _fail(f"data.prompts: {e.filename or p} cannot be read (permission denied). Make it "
+              "readable for this user.")
+
+
+# (source digest, prompt column, id column) -> table: the preflight check and materialize
+# in one process read the file once.
+_memo: dict[tuple, pa.Table] = {}
+
+
+def load_table(cfg: Config, digest=None) -> pa.Table:
+    """The prompts table `materialize` writes: columns renamed, ids filled, validated."""
+    d = cfg.data
+    digest = source_digest(cfg) if digest is None else digest
+    memo_key = (json.dumps(digest, sort_keys=True, default=str), d.prompts, d.prompt_column,
+                d.id_column)
+    if memo_key in _memo:
+        return _memo[memo_key]
+    if d.prompts == "demo":
+        from pipeline.demo import make_demo_prompts
+        table = make_demo_prompts(d.demo_size, seed=cfg.seed)
+    else:
+        table = read_source(d.prompts)
+    where = "the demo" if d.prompts == "demo" else d.prompts
+    if d.prompt_column not in table.column_names:
+        _fail(f"file {where}: no column '{d.prompt_column}' (data.prompt_column); columns: "
+              f"{', '.join(table.column_names)}. Set data.prompt_column to the prompt's column.")
+    if d.prompt_column != "prompt":
+        if "prompt" in table.column_names:
+            table = table.drop_columns(["prompt"])
+        table = table.rename_columns(["prompt" if c == d.prompt_column else c
+                                      for c in table.column_names])
+    if d.id_column in table.column_names:
+        ids = table.column(d.id_column).cast(pa.string())
+        table = table.drop_columns([d.id_column])
+    else:
+        ids = pa.array([f"p{i:06d}" for i in range(table.num_rows)])
+    table = table.drop_columns([c for c in ("prompt_id",) if c in table.column_names])
+    table = table.add_column(0, "prompt_id", ids)
+    table = schemas.validate(table, schemas.PROMPTS, where)
+    if len(set(table.column("prompt_id").to_pylist())) != table.num_rows:
+        _fail(f"file {where}, column '{d.id_column}': ids are not unique")
+    _memo.clear()
+    _memo[memo_key] = table
+    return table
 
 
 def materialize(cfg: Config, root: Path) -> Path:
     d = cfg.data
-    if d.prompts == "demo":
-        source_digest = {"demo": d.demo_size, "seed": cfg.seed}
-    else:
-        source_digest = cache.folder_digest(d.prompts) if Path(d.prompts).is_dir() else \
-            cache.source_digest(d.prompts)
-    key = cache.cache_key({"stage": "prompts", "version": VERSION, "source": source_digest,
+    digest = source_digest(cfg)
+    key = cache.cache_key({"stage": "prompts", "version": VERSION, "source": digest,
                            "prompt_column": d.prompt_column, "id_column": d.id_column,
                            "code": cache.source_digest(__file__)})
     folder = root / "prompts" / key
     if cache.lookup(folder) is not None:
+        _memo.clear()
         return folder
 
     def produce(tmp: Path) -> dict:
-        if d.prompts == "demo":
-            from pipeline.demo import make_demo_prompts
-            table = make_demo_prompts(d.demo_size, seed=cfg.seed)
-        else:
-            table = read_source(d.prompts)
-        where = "the demo" if d.prompts == "demo" else d.prompts
-        if d.prompt_column not in table.column_names:
-            raise schemas.SchemaError(
-                f"file {where}: no column '{d.prompt_column}' (data.prompt_column); columns: "
-                f"{', '.join(table.column_names)}. Set data.prompt_column to the prompt's column.")
-        if d.prompt_column != "prompt":
-            if "prompt" in table.column_names:
-                table = table.drop_columns(["prompt"])
-            table = table.rename_columns(["prompt" if c == d.prompt_column else c
-                                          for c in table.column_names])
-        if d.id_column in table.column_names:
-            ids = table.column(d.id_column).cast(pa.string())
-            table = table.drop_columns([d.id_column])
-        else:
-            ids = pa.array([f"p{i:06d}" for i in range(table.num_rows)])
-        table = table.drop_columns([c for c in ("prompt_id",) if c in table.column_names])
-        table = table.add_column(0, "prompt_id", ids)
-        table = schemas.validate(table, schemas.PROMPTS, where)
-        if len(set(table.column("prompt_id").to_pylist())) != table.num_rows:
-            raise schemas.SchemaError(f"file {where}, column '{d.id_column}': ids are not unique")
+        table = load_table(cfg, digest)
         pq.write_table(table, tmp / "prompts.parquet")
         return {"rows": table.num_rows, "metrics": {}}
 
     cache.write(folder, produce, {"stage": "prompts", "key": key, "source": d.prompts})
+    _memo.clear()  # written: the table need not stay in memory for the rest of the run
     return folder

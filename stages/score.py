@@ -8,8 +8,16 @@ function follows TRL's contract: it is called with keyword arguments
 where `columns` are every other column of the rollouts (prompt columns such as `answer`
 included), one list entry per row. `reward` is the weighted sum over functions
 (`score.reward_weights`, default all 1.0); each function's raw values are kept in a
-`reward_<name>` column. A function that returns the wrong number of values, or a NaN/inf
-value, is an error naming the function and the row: NaN rewards cannot be trained on.
+`reward_<name>` column (`reward_<module>_<name>` for functions of one name from different
+modules, `a:fn` and `b:fn`). Every failure of a reward function is a `RewardError` (exit
+code 2) naming the function: an exception it raises (with its type, message, source line
+and the first row that fails alone), a column it looks up that the rollouts lack (listing
+those they have), a wrong number of values, a value that is not a number, NaN or inf (NaN
+rewards cannot be trained on). `check_reward` is the preflight's trial call of the same
+contract on placeholder rows (pipeline/preflight.py).
+
+The cache key covers a user function's whole module file (`_code_digest`), so editing a
+helper or a module constant reruns scoring, not only editing the function itself.
 
 Built-ins are verifiable rewards: `exact_match` (the completion, stripped, equals the
 `answer` column) and `numeric_match` (the last number in the completion equals `answer`
@@ -18,8 +26,13 @@ as a number, within 1e-6 relative).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import re
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +41,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.config import Config
+from pipeline.errors import EqLenError
 from pipeline.registry import Registry, UnknownName
 from pipeline.stage import Stage
 
@@ -41,8 +55,9 @@ def reward_code(cfg: Config) -> dict:
 
 
 def _answers(columns: dict) -> list[str]:
+    # A missing column is reported by call_reward as the KeyError of a column lookup.
     if "answer" not in columns:
-        raise ValueError("needs an 'answer' column in the prompt dataset (the reference answer)")
+        raise KeyError("answer")
     return [str(a).strip() for a in columns["answer"]]
 
 
@@ -69,6 +84,11 @@ def numeric_match(completions: list[str], **columns) -> list[float]:
     return out
 
 
+class RewardError(EqLenError, ValueError):
+    """A reward function that cannot be used as configured or fails on the rollouts; the
+    message names the function, the row and what to do."""
+
+
 def resolve(name: str):
     if name in REWARDS:
         return REWARDS.get(name)
@@ -81,53 +101,318 @@ def resolve(name: str):
     except ImportError as e:
         raise UnknownName(f"reward function {name!r}: cannot import module {module!r} ({e}); "
                           "is it on PYTHONPATH?") from None
+    except Exception as e:  # the module's own code failed while importing
+        raise UnknownName(f"reward function {name!r}: importing module {module!r} failed with "
+                          f"{type(e).__name__}: {e}{_where(e)}. Fix the module.") from None
     fn = getattr(mod, attr, None)
     if not callable(fn):
-        raise UnknownName(f"reward function {name!r}: module {module!r} has no callable {attr!r}")
+        have = sorted(k for k, v in vars(mod).items()
+                      if inspect.isfunction(v) and not k.startswith("_"))
+        raise UnknownName(f"reward function {name!r}: module {module!r} has no callable {attr!r}"
+                          + (f"; its functions: {', '.join(have[:12])}" if have else ""))
     return fn
 
 
+def _where(e: BaseException) -> str:
+    """' (file:line)' of the innermost frame of e's traceback (a SyntaxError's own spot)."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" ({e.filename}:{e.lineno})"
+    tb = traceback.extract_tb(e.__traceback__)
+    return f" ({tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+
+
 def _code_digest(name: str) -> str:
+    """Digest of the code a reward function runs: the whole source file of its module (and
+    of the module it is defined in, if it is re-exported), so editing a helper or a module
+    constant reruns scoring, not only editing the function. Built-ins: 'builtin'."""
     if name in REWARDS:
         return "builtin"
-    import hashlib
-    import inspect
+    fn = resolve(name)
+    h, files = hashlib.sha256(), []
+    for mod in (sys.modules.get(name.partition(":")[0]), inspect.getmodule(fn)):
+        try:
+            f = inspect.getsourcefile(mod) if mod is not None else None
+        except TypeError:  # a built-in or extension module
+            f = None
+        if f and f not in files and Path(f).is_file():
+            files.append(f)
     try:
-        return hashlib.sha256(inspect.getsource(resolve(name)).encode()).hexdigest()[:16]
+        for f in files:
+            h.update(Path(f).read_bytes())
+        if not files:
+            h.update(inspect.getsource(fn).encode())
     except (OSError, TypeError):
         return "unknown"
+    return h.hexdigest()[:16]
 
 
-def column_name(name: str) -> str:
-    return "reward_" + re.sub(r"[^0-9A-Za-z_]+", "_", name.split(":")[-1])
+def _safe(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]+", "_", text)
+
+
+def column_name(name: str, names: list[str] | None = None) -> str:
+    """The `reward_<function>` column of reward function `name`. Given all of
+    `score.reward_funcs` as `names`, functions that share a name across modules
+    (`a:fn`, `b:fn`) get their module in it: `reward_a_fn`, `reward_b_fn`."""
+    if names is not None:
+        return column_names(names)[name]
+    return "reward_" + _safe(name.split(":")[-1])
+
+
+def column_names(names: list[str]) -> dict[str, str]:
+    """{entry of score.reward_funcs: its column}; an entry listed twice is an error."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RewardError(f"score.reward_funcs lists {', '.join(map(repr, twice))} more than "
+                          "once; give each function once (score.reward_weights weighs it)")
+    base = {n: column_name(n) for n in names}
+    out = {}
+    for n in names:
+        clash = [m for m in names if base[m] == base[n]]
+        out[n] = "reward_" + _safe(n.replace(":", "_")) if len(clash) > 1 and ":" in n \
+            else base[n]
+    seen: dict[str, int] = {}
+    for n in names:  # still equal after adding the module (a.b:f, a_b:f): number them
+        c = out[n]
+        seen[c] = seen.get(c, 0) + 1
+        if seen[c] > 1:
+            out[n] = f"{c}_{seen[c]}"
+    return out
+
+
+def reward_columns(table: pa.Table) -> tuple[list[str], dict[str, list]]:
+    """(completions, keyword columns) of the rollouts, as reward functions receive them."""
+    columns = {n: table.column(n).to_pylist() for n in table.column_names
+               if n not in ("response", "response_ids")}
+    columns["prompts"] = columns.pop("prompt")
+    columns["completion_ids"] = table.column("response_ids").to_pylist()
+    return table.column("response").to_pylist(), columns
+
+
+def placeholder_columns(prompts: pa.Table, rows: int = 2) -> tuple[list[str], dict[str, list]]:
+    """(completions, columns) shaped as `run` passes them, for the first `rows` prompts with
+    empty completions: what the preflight's trial call of a reward function gets."""
+    head = prompts.slice(0, rows)
+    n = head.num_rows
+    columns = {c: head.column(c).to_pylist() for c in head.column_names}
+    for col in schemas.ROLLOUTS.columns:
+        if col.name in columns or col.name in ("response", "response_ids"):
+            continue
+        if col.nullable:
+            value = None
+        elif pa.types.is_list(col.type):
+            value = []
+        elif pa.types.is_string(col.type):
+            value = "eos" if col.name == "finish_reason" else ""
+        else:
+            value = 0
+        columns[col.name] = [list(value) if isinstance(value, list) else value
+                             for _ in range(n)]
+    columns["track_id"] = list(range(n))
+    columns["pair_id"] = [i // 2 for i in range(n)]
+    columns["prompts"] = columns.pop("prompt")
+    columns["completion_ids"] = [[] for _ in range(n)]
+    return [""] * n, columns
+
+
+def _row(columns: dict, i: int) -> str:
+    ids = [f"{k} {columns[k][i]!r}" for k in ("prompt_id", "track_id") if k in columns]
+    return f"row {i}" + (f" ({', '.join(ids)})" if ids else "")
+
+
+def _listing(columns: dict) -> str:
+    """The columns a reward function receives: the prompt data's first (where a missing one
+    would have to be added), then those every call has."""
+    made = {c.name for c in schemas.ROLLOUTS.columns} | {"prompts", "completion_ids"}
+    data = [c for c in columns if c not in made or c == "prompt_id"]
+    always = ["completions", "prompts", "completion_ids",
+              *(c for c in columns if c in made and c not in ("prompt_id", "prompts",
+                                                             "completion_ids"))]
+    return f"{', '.join(data)} (from the prompt data); also {', '.join(always)}"
+
+
+def _missing_message(name: str, cols: list[str], columns: dict, where: str) -> str:
+    s = "s" * (len(cols) > 1)
+    listed = ", ".join(map(repr, cols))
+    if name in REWARDS:  # a built-in: the data must change, not the function
+        return (f"built-in reward function {name!r} needs column{s} {listed} (the reference "
+                f"answer), missing from {where}; columns: {_listing(columns)}. Add "
+                f"{'them' if s else 'it'} to the prompt file (data.prompts), or use a reward "
+                "function of your own (module:function)")
+    return (f"reward function {name!r} looks up column{s} {listed}, missing from {where}; "
+            f"columns: {_listing(columns)}. Add {'them' if s else 'it'} to the prompt "
+            "file (data.prompts) or fix the function")
+
+
+def _signature_problem(fn, columns: dict) -> str | None:
+    """Why fn cannot be called as fn(completions=..., **columns), or None."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(completions=[], **{k: [] for k in columns})
+        return None
+    except TypeError:
+        pass
+    params = sig.parameters.values()
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    missing = [p.name for p in params if p.default is p.empty and p.name not in columns
+               and p.name != "completions" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        return (f"needs column{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}, "
+                f"which the rollouts do not have; columns: {_listing(columns)}. Add "
+                f"{'them' if len(missing) > 1 else 'it'} to the prompt file (data.prompts) or "
+                "give the parameter a default")
+    if not takes_any:
+        return (f"must accept every column as a keyword argument: declare it as "
+                f"`def {getattr(fn, '__name__', 'fn')}(completions, **kwargs)` (columns passed: "
+                f"{_listing(columns)})")
+    return None
+
+
+def _missing_column(e: BaseException, columns: dict) -> str | None:
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) \
+            and e.args[0] not in columns and e.args[0] != "completions":
+        return e.args[0]
+    return None
+
+
+def check_reward(name: str, fn, completions: list[str], columns: dict) -> None:
+    """Preflight trial of a reward function on placeholder rows (`placeholder_columns`):
+    an error only for what is wrong whatever the completions are — a signature the call
+    cannot bind, a column the function looks up that the data lacks (a KeyError that goes
+    away when that column is supplied), or a wrong number of values. Any other exception on
+    the placeholders is left to the real call on the rollouts."""
+    problem = _signature_problem(fn, columns)
+    if problem:
+        raise RewardError(f"reward function {name!r} {problem}")
+    trial, missing, n = dict(columns), [], len(completions)
+    for _ in range(8):
+        try:
+            out = fn(completions=list(completions), **{k: list(v) for k, v in trial.items()})
+        except Exception as e:  # noqa: BLE001 - user code; only a missing column counts here
+            key = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 \
+                and isinstance(e.args[0], str) and e.args[0] != "completions" else None
+            if key is None:
+                break
+            if key in trial:  # supplying it did not cure it: not a lookup of a column
+                if key in missing:
+                    missing.remove(key)
+                break
+            missing.append(key)
+            trial[key] = [""] * n
+            continue
+        if not missing:  # what it returns must be n numbers whatever the completions
+            try:
+                _values(name, out, n, columns, "a trial call on the first prompts with empty "
+                        "completions", "reward")
+            except schemas.SchemaError:  # NaN/None on empty completions may be legitimate
+                pass
+        break
+    if missing:
+        raise RewardError(_missing_message(name, missing, columns, "the prompt data") + ".")
+
+
+def call_reward(name: str, fn, completions: list[str], columns: dict, where: str | Path,
+                column: str) -> list[float]:
+    """Call one reward function on every row; any failure is a RewardError naming the
+    function, the exception and the first failing row."""
+    n = len(completions)
+    problem = _signature_problem(fn, columns)
+    if problem:
+        raise RewardError(f"reward function {name!r} on {where}: {problem}")
+    try:
+        raw = fn(completions=completions, **columns)
+    except Exception as e:  # noqa: BLE001 - user code: any failure becomes a clear error
+        raise _failure(name, fn, e, completions, columns, where) from None
+    return _values(name, raw, n, columns, where, column)
+
+
+def _failure(name, fn, e: Exception, completions, columns, where) -> RewardError:
+    col = _missing_column(e, columns)
+    if col is not None:  # a lookup of a column only if supplying the column cures it
+        try:
+            fn(completions=completions, **columns, **{col: [""] * len(completions)})
+        except KeyError as again:
+            if again.args[:1] == (col,):
+                col = None
+        except Exception:  # noqa: BLE001 - got past the lookup: it was a column
+            pass
+    if col is not None:
+        return RewardError(_missing_message(name, [col], columns, f"the rollouts ({where})")
+                           + " (KeyError).")
+    what = f"{type(e).__name__}: {e}{_where(e)}"
+    # Find the first failing row: call the function on each row alone (bounded in time).
+    n, t0 = len(completions), time.monotonic()
+    for i in range(n if n > 1 else 0):
+        if time.monotonic() - t0 > 10:
+            break
+        try:
+            fn(completions=completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+        except Exception as e1:  # noqa: BLE001
+            text = completions[i] if len(completions[i]) <= 60 else completions[i][:57] + "..."
+            return RewardError(f"reward function {name!r} raised {type(e1).__name__}: {e1}"
+                               f"{_where(e1)} at {_row(columns, i)} of {where}, completion "
+                               f"{text!r}. Fix the function: it must return a number for "
+                               "every completion.")
+    return RewardError(f"reward function {name!r} raised {what} on the {n} completions of "
+                       f"{where}" + (" (no single row fails alone)" if n > 1 else "")
+                       + ". Fix the function.")
+
+
+def _values(name, raw, n, columns, where, column) -> list[float]:
+    if raw is None or isinstance(raw, (str, bytes, dict, int, float)) \
+            or not hasattr(raw, "__iter__"):
+        raise RewardError(f"reward function {name!r} returned {type(raw).__name__} "
+                          f"{_short(raw)}, not a list of {n} numbers (one per completion)")
+    values = list(raw)
+    if len(values) != n:
+        raise RewardError(f"reward function {name!r} returned {len(values)} values for "
+                          f"{n} completions in {where}; return one per completion")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(float("nan"))  # named as NaN by check_finite below
+            continue
+        if isinstance(v, (str, bytes)):
+            bad = True
+        else:
+            try:
+                v = float(v)
+                bad = False
+            except (TypeError, ValueError):
+                bad = True
+        if bad:
+            raise RewardError(f"reward function {name!r} returned {type(v).__name__} "
+                              f"{_short(v)} at {_row(columns, i)} of {where}; return a number "
+                              "(int or float) per completion")
+        out.append(v)
+    schemas.check_finite(out, f"{where} (reward function {name!r})", column)
+    return out
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     path = inputs["rollouts"] / "rollouts.parquet"
     table = schemas.validate(pq.read_table(path), schemas.ROLLOUTS, path)
-    columns = {n: table.column(n).to_pylist() for n in table.column_names
-               if n not in ("response", "response_ids")}
-    completions = table.column("response").to_pylist()
-    columns["prompts"] = columns.pop("prompt")
-    columns["completion_ids"] = table.column("response_ids").to_pylist()
-    weights = cfg.score.reward_weights or [1.0] * len(cfg.score.reward_funcs)
+    completions, columns = reward_columns(table)
+    names = list(cfg.score.reward_funcs)
+    cols = column_names(names)
+    weights = cfg.score.reward_weights or [1.0] * len(names)
     total = np.zeros(table.num_rows)
     metrics = {}
-    for name, w in zip(cfg.score.reward_funcs, weights):
+    for name, w in zip(names, weights):
         fn = resolve(name)
-        try:
-            values = fn(completions=completions, **columns)
-        except ValueError as e:
-            raise ValueError(f"reward function {name!r} on {path}: {e}") from None
-        values = [np.nan if v is None else v for v in values]
-        if len(values) != table.num_rows:
-            raise ValueError(f"reward function {name!r} returned {len(values)} values for "
-                             f"{table.num_rows} completions in {path}; return one per completion")
-        schemas.check_finite(values, f"{path} (reward function {name!r})", column_name(name))
+        values = call_reward(name, fn, completions, columns, path, cols[name])
         arr = np.asarray(values, dtype=np.float64)
-        table = table.append_column(column_name(name), pa.array(arr))
+        table = table.append_column(cols[name], pa.array(arr))
         total += w * arr
-        metrics[column_name(name)] = float(arr.mean())
+        metrics[cols[name]] = float(arr.mean())
     table = table.append_column("reward", pa.array(total))
     table = schemas.validate(table, schemas.SCORED, out_dir / "scored.parquet")
     pq.write_table(table, out_dir / "scored.parquet")
