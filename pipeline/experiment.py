@@ -43,11 +43,19 @@ def run_experiment(out: str | Path, *, methods: list[str], seeds: list[int],
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise config_mod.ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    from pipeline import preflight
+
+    def config_of(method: str, seed: int):
+        return config_mod.load(config_file, [*base, *METHODS[method], f"seed={seed}",
+                                             f"cache_dir={out / 'cache'}"])
+    # Every method's config is checked before the first run: a typo found after an hour of
+    # the other methods would waste it.
+    for method in methods:
+        preflight.check(config_of(method, seeds[0]), out / "runs" / f"{method}-s{seeds[0]}")
     results = []
     for method in methods:
         for seed in seeds:
-            cfg = config_mod.load(config_file, [*base, *METHODS[method], f"seed={seed}",
-                                                f"cache_dir={out / 'cache'}"])
+            cfg = config_of(method, seed)
             run_dir = out / "runs" / f"{method}-s{seed}"
             t0 = time.perf_counter()
             runner.online(cfg, run_dir, call=lambda n, c, d, i, r, f: runner.run_stage(

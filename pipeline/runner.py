@@ -236,6 +236,19 @@ class RunRecord:
             self.path.replace(self.path.with_name("run.json.damaged"))
             return True
 
+    def snapshot(self) -> dict[str, str | None]:
+        """The record files' text as they are now (None: absent), for `restore`."""
+        files = (self.path, self.run_dir / "config.yaml")
+        return {str(f): f.read_text() if f.is_file() else None for f in files}
+
+    def restore(self, snapshot: dict[str, str | None]) -> None:
+        with cache.locked(self.path):
+            for f, text in snapshot.items():
+                if text is None:
+                    Path(f).unlink(missing_ok=True)
+                else:
+                    cache.atomic_write_text(Path(f), text)
+
     def save(self, data: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cache.atomic_write_text(self.path, json.dumps(data, indent=2))
@@ -460,19 +473,28 @@ def online(cfg: Config, run_dir: str | Path, *, force: bool = False, call: Stage
     prompts = Ref.of(materialize(cfg, cache_root(cfg, run_dir)))
     policy = reference = policy_input(cfg)
     history, started = [], False
-    for i in range(cfg.iterations):
-        refs = {"prompts": prompts, "policy": policy, "reference": reference}
-        results = {}
-        for name in STAGE_NAMES:
-            results[name] = res = call(name, cfg, run_dir, i, refs, force)
-            if not started:
-                rec.start(cfg, cfg.iterations)
-                started = True
-            refs[stage_spec(name).output] = res.output()
-        policy = refs["policy"]
-        history.append(results)
-        if on_iteration is not None:
-            on_iteration(i, results)
+    # Until the first iteration has finished, a failure (a reward that raises, an
+    # out-of-memory update) puts the record of the last good run back as it was.
+    snapshot = rec.snapshot()
+    try:
+        for i in range(cfg.iterations):
+            refs = {"prompts": prompts, "policy": policy, "reference": reference}
+            results = {}
+            for name in STAGE_NAMES:
+                results[name] = res = call(name, cfg, run_dir, i, refs, force)
+                if not started:
+                    rec.start(cfg, cfg.iterations)
+                    started = True
+                refs[stage_spec(name).output] = res.output()
+            policy = refs["policy"]
+            history.append(results)
+            snapshot = None
+            if on_iteration is not None:
+                on_iteration(i, results)
+    except BaseException:
+        if snapshot is not None:
+            rec.restore(snapshot)
+        raise
     return history
 
 
@@ -481,8 +503,8 @@ def policy_input(cfg: Config) -> Ref:
     if cfg.model == "demo":
         from pipeline.demo import demo_model_dir
         return Ref.of(demo_model_dir())
+    from pipeline.models import check_folder
+
     p = Path(cfg.model).expanduser()
-    if not (p / "config.json").is_file():
-        raise RunError(f"model: {cfg.model!r} is not a local Hugging Face model folder (no "
-                       "config.json); give a folder written by save_pretrained, or `demo`")
+    check_folder(p)  # config.json, weights, tokenizer: an error naming what is missing
     return Ref.of(p)

@@ -267,3 +267,20 @@ def test_a_tampered_input_is_never_trained_on_silently(make_cfg, tmp_path):
                          runner.resolve_inputs("update", cfg, tmp_path, 0), log=lambda m: None)
     h = _run(cfg, tmp_path)
     assert h[0]["score"].cached and not h[0]["pair"].cached and h[0]["update"].cached
+
+
+def test_a_run_that_fails_leaves_the_last_good_record(make_cfg, tmp_path, monkeypatch):
+    """A typo is caught before anything is written (preflight); a failure found only once
+    stages run (here a reward that raises on the rollouts, after generate ran) puts
+    config.yaml and run.json back as the last good run left them."""
+    from pipeline.errors import EqLenError
+
+    run = tmp_path / "run"
+    _run(make_cfg("iterations=1"), run)
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "run.json")}
+    (tmp_path / "bad_reward.py").write_text(
+        "def fn(completions, **kw):\n    raise RuntimeError('reward service down')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EqLenError, match="reward service down"):
+        _run(make_cfg("iterations=2", "seed=3", "score.reward_funcs=[bad_reward:fn]"), run)
+    assert {f: (run / f).read_bytes() for f in before} == before
