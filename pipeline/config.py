@@ -1,8 +1,11 @@
 """Run configuration: one documented dataclass per stage, loaded from YAML and `--set`.
 
 Every field carries its meaning, unit and default in `metadata["help"]`; fields with a
-closed set of values carry `metadata["choices"]` (a tuple, or the name of a registry that
-is looked up lazily so this module imports nothing heavy). `eqlen run --help-config`
+closed set of values carry `metadata["choices"]`: a tuple, or `registry=True` when the
+valid names are those of the registry that the key selects from (`pipeline.registry.BY_KEY`,
+filled when the stage modules are imported). This module imports neither the stages nor
+torch: the command line imports the stages (`flows.runner.load_stages`) before it loads a
+config, so registry choices are checked then, and `runner.run_stage` checks them again. `eqlen run --help-config`
 prints the table built from this metadata, and the README's table is generated from it.
 
 Overrides use dotted keys (`generate.rounds=4`); values are parsed as YAML scalars or
@@ -28,10 +31,13 @@ class ConfigError(EqLenError, ValueError):
     """A config file or `--set` override that cannot be used; the message says why."""
 
 
-def _f(default: Any, help: str, choices: tuple | str | None = None, **kw: Any) -> Any:
+def _f(default: Any, help: str, choices: tuple | None = None, *, registry: bool = False,
+       extra: tuple = (), **kw: Any) -> Any:
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if registry:
+        meta["registry"], meta["extra"] = True, extra
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -53,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class GenerateConfig:
-    engine: str = _f("hf", "Rollout engine.", choices="engines")
+    engine: str = _f("hf", "Rollout engine.", registry=True)
     group_size: int = _f(8, "Tracks per prompt (G), even: G/2 pairs.")
     rounds: int = _f(1, "Rounds per pair (K): how often an ended track's slot may be refilled "
                      "by a track inheriting the survivor's prefix. 1 = independent pairs.")
@@ -104,7 +110,7 @@ class ScoreConfig:
 
 @dataclass
 class PairConfig:
-    strategy: str = _f("group", "How comparison units are built.", choices="strategies")
+    strategy: str = _f("group", "How comparison units are built.", registry=True)
     scale_rewards: str = _f("group", "Default advantage scaling: `group` divides by the std of "
                             "the prompt's rewards, `none` leaves raw differences.",
                             choices=("group", "none"))
@@ -115,13 +121,14 @@ class PairConfig:
 class UpdateConfig:
     algorithm: str = _f("grpo", "Policy-gradient objective: grpo (token ratio), gspo (sequence "
                         "ratio over the member's segment), rloo (token ratio, leave-one-out "
-                        "advantage).", choices="algorithms")
+                        "advantage).", registry=True)
     loss_agg: str = _f("seq_mean_token_mean", "How token losses are aggregated (per-token "
                        "weights, see docs/objectives.md); `unit_mean` is the natural choice "
-                       "for pair units.", choices="loss_aggs")
+                       "for pair units.", registry=True)
     advantage: str = _f("auto", "Advantage estimator: auto (the algorithm's: grpo for "
                         "grpo/gspo, rloo for rloo), units (the pair stage's `advantage` "
-                        "column), or an estimator name.", choices="advantages")
+                        "column), or an estimator name.", registry=True,
+                        extra=("auto", "units"))
     scale_rewards: str = _f("auto", "Advantage scaling (TRL's scale_rewards): group, batch, "
                             "none; auto = group for grpo, none for rloo.",
                             choices=("auto", "group", "batch", "none"))
@@ -173,27 +180,14 @@ class Config:
 SECTIONS = ("data", "generate", "score", "pair", "update")
 
 
-def _registry_choices(name: str) -> tuple[str, ...]:
-    # Lazy: the registries live with the stages, which import torch.
-    if name == "engines":
-        from stages.generate import ENGINES as reg
-    elif name == "strategies":
-        from stages.pair import STRATEGIES as reg
-    elif name == "algorithms":
-        from stages.losses import ALGORITHMS as reg
-    elif name == "loss_aggs":
-        from stages.losses import LOSS_AGGS as reg
-    elif name == "advantages":
-        from stages.losses import ADVANTAGES
-        return ("auto", "units", *ADVANTAGES.names())
-    else:  # pragma: no cover - a typo in this module
-        raise KeyError(name)
-    return tuple(reg.names())
-
-
-def choices_of(f: dataclasses.Field) -> tuple | None:
-    c = f.metadata.get("choices")
-    return _registry_choices(c) if isinstance(c, str) else c
+def choices_of(f: dataclasses.Field, key: str | None = None) -> tuple | None:
+    """The valid values of a field: its fixed choices, or its registry's names when the
+    registry is loaded (None: not known here)."""
+    if f.metadata.get("registry"):
+        from pipeline.registry import BY_KEY
+        reg = BY_KEY.get(key or "")
+        return (*f.metadata["extra"], *reg.names()) if reg is not None else None
+    return f.metadata.get("choices")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -276,7 +270,7 @@ def leaves(obj: Any, prefix: str = ""):
 def validate(cfg: Config) -> Config:
     """Check every closed-choice field and the numeric ranges the stages rely on."""
     for key, f, v, _ in leaves(cfg):
-        ch = choices_of(f)
+        ch = choices_of(f, key)
         if ch is not None and v not in ch:
             raise ConfigError(f"{key}: invalid value {v!r}; valid values: " + ", ".join(ch))
     g = cfg.generate
@@ -364,7 +358,7 @@ def describe() -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) for every config key, for `eqlen config` and docs/config.md."""
     rows = []
     for key, f, v, owner in leaves(Config()):
-        ch = choices_of(f)
+        ch = choices_of(f, key)
         help_ = f.metadata.get("help", "") + (f" One of: {', '.join(ch)}." if ch else "")
         tp = typing.get_type_hints(type(owner))[f.name]
         rows.append((key, getattr(tp, "__name__", str(tp)), repr(v), help_))

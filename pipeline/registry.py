@@ -21,11 +21,19 @@ class UnknownName(EqLenError, KeyError):
         return self.args[0]
 
 
+# Every registry that a config key selects from, by that key, once its module is imported:
+# how config validation learns the valid names without importing the stages (which import
+# torch) from the foundation floor.
+BY_KEY: dict[str, Registry] = {}
+
+
 class Registry(Generic[F]):
     def __init__(self, kind: str, key: str | None = None):
         self.kind = kind          # e.g. "pair strategy"
         self.key = key            # the config key that selects from it, for error messages
         self._items: dict[str, F] = {}
+        if key is not None:
+            BY_KEY[key] = self
 
     def register(self, name: str) -> Callable[[F], F]:
         def deco(fn: F) -> F:

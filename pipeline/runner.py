@@ -30,7 +30,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline import cache
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, to_dict, validate
 from pipeline.errors import EqLenError
 from pipeline.stage import ConfigView, Stage, UndeclaredRead
 
@@ -50,6 +50,13 @@ RUN_FIELDS = {
 
 class RunError(EqLenError, RuntimeError):
     """A run directory that cannot serve the request; the message says what to do."""
+
+
+def load_stages() -> None:
+    """Import every stage module, so their registries (engines, strategies, algorithms,
+    ...) are known to config validation (pipeline/config.py) and to `eqlen config`."""
+    for name in STAGE_NAMES:
+        importlib.import_module(f"stages.{name}")
 
 
 def stage_spec(name: str) -> Stage:
@@ -165,6 +172,8 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, iteration: int,
     """Serve stage `name` from cache or run it, then record it in run.json."""
     run_dir = Path(run_dir).resolve()
     spec = stage_spec(name)
+    load_stages()
+    validate(cfg)  # registry choices (engine, strategy, ...) are known from here on
     inputs = _select_inputs(spec, inputs)
     _check_inputs(name, iteration, inputs)
     key, parts = stage_key(name, cfg, inputs, iteration)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import schemas
+from pipeline.config import describe
+from pipeline.runner import load_stages
 
-import schemas  # noqa: E402
-from pipeline.config import describe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+load_stages()  # the registries name the valid values of engine, strategy, ...
 
 
 def config_md() -> str:

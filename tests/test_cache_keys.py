@@ -38,7 +38,7 @@ CONDITIONAL = {k for s in SPECS.values() for k in s.key_reads(_ALL)}
 def other_value(key, f, value):
     if key in SPECIAL:
         return SPECIAL[key]
-    choices = config.choices_of(f)
+    choices = config.choices_of(f, key)
     if choices:
         return next(c for c in choices if c != value)
     if isinstance(value, bool):

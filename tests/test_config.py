@@ -4,6 +4,11 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
+from pipeline.runner import load_stages
+
+# The registries (strategies, loss aggregations, ...) are known once the stages are imported,
+# as the command line does before it loads a config.
+load_stages()
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -63,3 +68,14 @@ def test_generated_docs_are_current():
     p = subprocess.run([sys.executable, str(root / "scripts" / "gen_docs.py"), "--check"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
+
+
+def test_config_imports_neither_torch_nor_the_stages():
+    """The foundation floor: loading and validating a config needs no stage and no torch."""
+    import subprocess
+    import sys
+    code = ("import sys; from pipeline import config; c = config.load(None, ['generate.rounds=4']);"
+            " bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] in "
+            "('stages', 'flows')]; print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
