@@ -51,7 +51,8 @@ def _runtime() -> None:
 
 
 def cmd_run(args) -> int:
-    from pipeline import config, report
+    from pipeline import config, report, runner
+    runner.load_stages()  # so the config's registry choices (strategy, ...) are checked
     cfg = config.load(args.config, args.set)
     if args.iterations is not None:
         cfg = config.apply(cfg, overrides=[f"iterations={args.iterations}"])
@@ -61,7 +62,7 @@ def cmd_run(args) -> int:
     preflight.check(cfg, run_dir)
     _prefect_env()
     from flows.server import ForRun
-    api = ForRun().begin()  # the server (if one is started) comes up while torch imports
+    api = ForRun().begin()  # reuses or starts the server; waited for in api.ready()
     _runtime()
     from flows.online import online
     report.console.print(f"EqLen run -> {run_dir}  ({cfg.iterations} iterations, strategy "
@@ -132,6 +133,7 @@ def cmd_stage(args) -> int:
     # A new run directory (e.g. to train on another run's units, --input) starts from the
     # defaults and --config; a recorded run from its recorded config.
     fresh = not rec.path.is_file()
+    runner.load_stages()
     cfg = config.load(args.config, args.set, base=None if fresh else rec.config())
     cache.sweep(runner.cache_root(cfg, run_dir))  # leftovers of killed writers
     inputs = runner.resolve_inputs(args.name, cfg, run_dir, args.iteration, _inputs(args.input))
@@ -211,6 +213,8 @@ def cmd_plot(args) -> int:
 
 def cmd_experiment(args) -> int:
     from pipeline.experiment import METHODS, run_experiment
+    from pipeline.runner import load_stages
+    load_stages()
     _runtime()
     methods = args.methods.split(",") if args.methods else list(METHODS)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -221,6 +225,8 @@ def cmd_experiment(args) -> int:
 
 def cmd_config(args) -> int:
     from pipeline.config import describe
+    from pipeline.runner import load_stages
+    load_stages()
     for key, tp, default, help_ in describe():
         print(f"{key} ({tp}, default {default}): {help_}")
     return 0
