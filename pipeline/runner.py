@@ -436,6 +436,12 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int,
             continue
         src = producer(label, name, iteration)
         if src is not None:
+            if not its:
+                raise RunError(
+                    f"{rec.run_dir} has no recorded run (no recorded config, no outputs): "
+                    f"stage {name} needs its '{label}' input. Give it a dataset folder with "
+                    f"--input {label}=PATH, or start the run with `eqlen run --run-dir "
+                    f"{rec.run_dir}`.")
             e = rec.entry(src[1], src[0])
             sub = stage_spec(src[0]).output_sub
             inputs[label] = Ref(str(Path(e["path"]) / sub) if sub else e["path"],

@@ -164,6 +164,14 @@ def _module_file(name: str) -> Path | None:
 def _imports(path: Path, module: str) -> set[str]:
     """Project modules named by the `import` statements of one file, anywhere in it (lazy
     imports inside functions included)."""
+    st = path.stat()
+    return _imports_of(str(path), module, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_of(path_s: str, module: str, mtime_ns: int, size: int) -> frozenset[str]:
+    # Memoised per file version: every key computation walks the same few files.
+    path = Path(path_s)
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
@@ -181,7 +189,7 @@ def _imports(path: Path, module: str) -> set[str]:
         for n in names:
             if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None:
                 found.add(n)
-    return found
+    return frozenset(found)
 
 
 def code_files(*modules: str) -> list[Path]:
