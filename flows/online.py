@@ -10,7 +10,7 @@ the update's `model/` folder as its policy input, so the rollout engine always s
 from the newest weights.
 
 Runs against whatever Prefect API is configured (`PREFECT_API_URL`, e.g. a `prefect server
-start`); with none, Prefect starts a temporary local server for the run.
+start`); with none, `eqlen run` starts (or reuses) eqlen's kept local server, flows/server.py.
 
 User errors (`EqLenError`, and a stage's out-of-memory error turned into one) end the task
 run and the flow run in Prefect's `Failed` state with the message, and the flow call raises
