@@ -12,7 +12,7 @@ user sees them:
   and dying with it;
 - flow_temp: the same flow as `eqlen run` ran it before flows/server.py, with Prefect's own
   temporary server started (and stopped) in every run (a child of this script);
-- plain: the same iterations without Prefect, `pipeline.runner.online(...)` called directly
+- plain: the same iterations without Prefect, `flows.runner.online(...)` called directly
   as flows/online.py wraps it, with the same config, preflight checks, thread count,
   progress lines and summary as `eqlen run` (a child of this script, `--plain D`);
 (`--kinds` picks a subset.)
@@ -58,16 +58,17 @@ STAGES = ("generate", "score", "pair", "update")
 
 def _preflight(cfg, run_dir: Path) -> None:
     try:
-        from pipeline import preflight
+        from flows import preflight
     except ImportError:  # a tree without the preflight checks
         return
     preflight.check(cfg, run_dir)
 
 
 def plain_child(run_dir: str, iterations: int, sets: list[str]) -> None:
-    """`eqlen run` without Prefect: the same steps as pipeline.cli.cmd_run, minus the flow."""
+    """`eqlen run` without Prefect: the same steps as flows.cli.cmd_run, minus the flow."""
     sys.path.insert(0, str(ROOT))
-    from pipeline import cli, config, report, runner
+    from pipeline import config
+    from flows import cli, report, runner
 
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
@@ -85,7 +86,8 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     """`eqlen run` as it was before flows/server.py: the same flow, with no PREFECT_API_URL,
     so Prefect starts its own temporary server in the process (and stops it at exit)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline import cli, config, report
+    from pipeline import config
+    from flows import cli, report
 
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
@@ -213,7 +215,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
     env = child_env(tmp / "prefect-home")
     sys.path.insert(0, str(ROOT))
-    from pipeline.report import machine
+    from flows.report import machine
     print(f"machine: {machine()}; {versions(env)}")
     probe_cmd = [sys.executable, str(Path(__file__).resolve()), "--probe"]
     eqlen = str(ROOT / ".venv/bin/eqlen")
@@ -230,8 +232,8 @@ def main() -> None:
         server_start = timed([eqlen, "server", "start"], env)[0]
         url = json.loads(timed([eqlen, "server", "status", "--json"], env)[1])["url"]
         print(f"eqlen's kept server: `eqlen server start` {server_start:.1f}s ({url})", flush=True)
-        imports_cmd = [sys.executable, "-c", ("import pipeline.cli, pipeline.runner, "
-                       "pipeline.report, pipeline.demo, stages.generate, stages.score, "
+        imports_cmd = [sys.executable, "-c", ("import flows.cli, flows.runner, "
+                       "flows.report, pipeline.demo, stages.generate, stages.score, "
                        "stages.pair, stages.update")]
         imports = []
         kinds = tuple(args.kinds.split(","))

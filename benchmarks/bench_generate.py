@@ -21,7 +21,8 @@ import torch
 
 from pipeline.demo import demo_model_dir, make_demo_prompts
 from pipeline.models import load_policy, load_tokenizer
-from pipeline import config, report
+from pipeline import config
+from flows import report
 from stages import hf_engine, pair
 
 

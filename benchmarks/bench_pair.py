@@ -40,8 +40,9 @@ import pyarrow.parquet as pq
 
 
 from eqlen_testing.synthetic import EOS, synthetic_scored  # noqa: F401  (EOS: re-exported)
-from pipeline import config, report
-from pipeline.runner import Context
+from pipeline import config
+from flows import report
+from flows.runner import Context
 from stages import pair
 
 def check_sample(table: pa.Table, units: pa.Table | None, *, rounds: int, max_new_tokens: int,

@@ -2,7 +2,7 @@
 
 A cache root (`RUN_DIR/cache`, or a shared `cache_dir`) holds one folder per stage output,
 `<stage>/<key>/`, with its manifest; every run directory that records an output from it
-leaves a note under `.runs/` (pipeline/runner.py), so the catalog can say which runs use
+leaves a note under `.runs/` (flows/runner.py), so the catalog can say which runs use
 which dataset without the user listing them.
 
     eqlen datasets [CACHE_DIR] [--json]     every output: stage, implementation, key, rows,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import cache
-from pipeline.runner import STAGE_NAMES, RunRecord, registered_runs
+from flows.runner import STAGE_NAMES, RunRecord, registered_runs
 
 
 @dataclass
@@ -90,7 +90,7 @@ def datasets(root: str | Path) -> list[Dataset]:
 
 
 def cache_error(root: Path):
-    from pipeline.runner import RunError
+    from flows.runner import RunError
     return RunError(f"{root} is not a cache directory (no such folder); give a run's cache "
                     "(RUN_DIR/cache) or the cache_dir a config names")
 

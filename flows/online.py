@@ -1,4 +1,4 @@
-"""The online loop as a Prefect flow: thin wiring over `pipeline.runner.run_stage`.
+"""The online loop as a Prefect flow: thin wiring over `flows.runner.run_stage`.
 
     for each iteration:  generate -> score -> pair -> update,  then policy <- update's model
 
@@ -32,7 +32,7 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from pipeline import config as config_mod
-from pipeline import preflight, report, runner
+from flows import preflight, report, runner
 from pipeline.errors import EqLenError
 
 

@@ -9,7 +9,7 @@ file and the column. A file that cannot be read (not UTF-8, a line that is not J
 records, a column whose rows mix types) is an error naming the file and the 1-based line.
 
 `load_table(cfg)` builds the same table in memory without writing anything: the
-command line's preflight checks (pipeline/preflight.py) read the prompt file's columns and
+command line's preflight checks (flows/preflight.py) read the prompt file's columns and
 first rows through it before any stage starts, and `materialize` then reuses the table.
 """
 

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from eqlen_testing.invariants import check_rollouts, check_units
-from pipeline import cli, config
-from pipeline.runner import RunRecord
+from pipeline import config
+from flows import cli
+from flows.runner import RunRecord
 from pipeline.models import load_policy, load_tokenizer
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import schemas
 from pipeline.config import describe
-from pipeline.runner import load_stages
+from flows.runner import load_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 load_stages()  # the registries name the valid values of engine, strategy, ...

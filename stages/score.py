@@ -14,7 +14,7 @@ code 2) naming the function: an exception it raises (with its type, message, sou
 and the first row that fails alone), a column it looks up that the rollouts lack (listing
 those they have), a wrong number of values, a value that is not a number, NaN or inf (NaN
 rewards cannot be trained on). `check_reward` is the preflight's trial call of the same
-contract on placeholder rows (pipeline/preflight.py).
+contract on placeholder rows (flows/preflight.py).
 
 The cache key covers a user function's whole module file (`_code_digest`), so editing a
 helper or a module constant reruns scoring, not only editing the function itself.

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, runner, stage
-from pipeline.report import show_data
+from pipeline import config, stage
+from flows import runner
+from flows.report import show_data
 from stages import pair, score
 
 SPECS = {name: runner.stage_spec(name) for name in runner.STAGE_NAMES}

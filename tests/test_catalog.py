@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows import catalog
-from pipeline import runner
+from flows import runner
 
 
 def eqlen(*args, check=True):

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from pipeline.runner import load_stages
+from flows.runner import load_stages
 
 # The registries (strategies, loss aggregations, ...) are known once the stages are imported,
 # as the command line does before it loads a config.

@@ -1,7 +1,7 @@
 """One clear error per user mistake: exit code 2, a few lines naming the file, line, column,
 row or function and what to do, no traceback, and nothing already written changed.
 
-Most cases fail in the preflight (pipeline/preflight.py), before Prefect starts: those run
+Most cases fail in the preflight (flows/preflight.py), before Prefect starts: those run
 the real `eqlen` command with PREFECT_API_URL pointing at a closed port, so a command that
 got as far as Prefect would fail differently. Errors that can only show on real rollouts
 (a reward function that raises on some completion, an out-of-memory stage) run through a
@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import config, runner
+from pipeline import config
+from flows import runner
 from pipeline.errors import EqLenError
 
 EXE = Path(sys.executable).parent / "eqlen"
@@ -428,7 +429,7 @@ def test_reward_error_inside_the_flow_prints_one_message(prefect_server, tmp_pat
 def test_out_of_memory_in_a_stage_names_the_knobs(prefect_server, tmp_path, monkeypatch, capfd):
     import torch
 
-    from pipeline import cli
+    from flows import cli
 
     real = runner.run_stage
 

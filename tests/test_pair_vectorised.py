@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import schemas
 from eqlen_testing.invariants import check_units
 from pipeline import config
-from pipeline.runner import Context
+from flows.runner import Context
 from eqlen_testing.scripted_lm import EOS, PAD, ScriptedLM
 from stages import hf_engine, losses, pair
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cache, config, runner
-from pipeline.runner import RunRecord, resolve_inputs, run_stage
+from pipeline import cache, config
+from flows import runner
+from flows.runner import RunRecord, resolve_inputs, run_stage
 
 
 def run_online(cfg, run_dir):
@@ -137,7 +138,7 @@ def test_update_writes_a_loadable_checkpoint_and_a_plot(demo_cfg, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.plot import plot_run
+    from flows.plot import plot_run
 
     h = run_online(demo_cfg, tmp_path)
     new = AutoModelForCausalLM.from_pretrained(Path(h[0]["update"].path) / "model")
@@ -154,7 +155,7 @@ def test_update_writes_a_loadable_checkpoint_and_a_plot(demo_cfg, tmp_path):
 def test_every_algorithm_and_loss_agg_runs_from_the_cli(make_cfg, policy_dir, tmp_path, capsys):
     """The offline rerun of update swept over every algorithm x aggregation name, on EqLen
     units, through the `eqlen stage` entry point (in-process)."""
-    from pipeline.cli import main
+    from flows.cli import main
     from stages import losses
 
     cfg = make_cfg(f"model={policy_dir}", "generate.rounds=2", "pair.strategy=eqlen",
@@ -201,7 +202,7 @@ def test_reported_token_weights_recompute_independently(make_cfg, policy_dir, tm
 
 
 def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
-    from pipeline.experiment import run_experiment
+    from flows.experiment import run_experiment
 
     base = [f"model={policy_dir}", "data.demo_size=64", "data.prompts_per_iteration=4",
             "generate.group_size=4", "generate.max_new_tokens=8", "iterations=2"]
@@ -220,7 +221,7 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     for m in ("grpo", "dapo", "eqlen_rloo"):
         assert f"| {m} |" in text
     assert "| gap first | gap mean after | gap last |" in text
-    from pipeline.report import show_data
+    from flows.report import show_data
     score0 = show_data(tmp_path / "runs" / "grpo-s0")["iterations"][0]["stages"]["score"]
     assert score0["metrics"]["len_gap_prompts"] > 0  # 4 prompts x 4 tracks, reward ~0.5
     assert res[0]["gap_first"] == score0["metrics"]["len_gap"]

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipeline import config, runner
+from pipeline import config
+from flows import runner
 from pipeline.models import ModelError, load_tokenizer
 from pipeline.registry import UnknownName
 from stages import generate, score

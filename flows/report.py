@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import cache
-from pipeline.runner import STAGE_NAMES, RunError, RunRecord
+from flows.runner import STAGE_NAMES, RunError, RunRecord
 
 console = Console(highlight=False, soft_wrap=True)
 

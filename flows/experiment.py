@@ -6,7 +6,7 @@ computed once: the group-family methods start from the same iteration-0 rollouts
 and units, and differ from their update on. Each (method, seed) is a full online run in
 `DIR/runs/<method>-s<seed>`; the results table and plots are written from their records.
 
-Stages run in-process through `pipeline.runner` (the same code the Prefect flow wraps), so
+Stages run in-process through `flows.runner` (the same code the Prefect flow wraps), so
 an experiment of 30 runs does not pay 30 Prefect server starts.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import config as config_mod
-from pipeline import runner
-from pipeline.report import console, row_of, show_data
+from flows import runner
+from flows.report import console, row_of, show_data
 
 GSPO_CLIP = ["update.clip_low=3e-4", "update.clip_high=4e-4"]
 EQLEN = ["generate.rounds=4", "pair.strategy=eqlen", "update.loss_agg=unit_mean"]
@@ -43,7 +43,7 @@ def run_experiment(out: str | Path, *, methods: list[str], seeds: list[int],
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise config_mod.ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-    from pipeline import preflight
+    from flows import preflight
 
     def config_of(method: str, seed: int):
         return config_mod.load(config_file, [*base, *METHODS[method], f"seed={seed}",

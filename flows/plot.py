@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.report import row_of, show_data
+from flows.report import row_of, show_data
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -51,14 +51,15 @@ def _runtime() -> None:
 
 
 def cmd_run(args) -> int:
-    from pipeline import config, report, runner
+    from pipeline import config
+    from flows import report, runner
     runner.load_stages()  # so the config's registry choices (strategy, ...) are checked
     cfg = config.load(args.config, args.set)
     if args.iterations is not None:
         cfg = config.apply(cfg, overrides=[f"iterations={args.iterations}"])
     run_dir = Path(args.run_dir).resolve()
     # Inputs that need no model are checked before Prefect starts: seconds, not 20 s.
-    from pipeline import preflight
+    from flows import preflight
     preflight.check(cfg, run_dir)
     _prefect_env()
     from flows.server import ForRun
@@ -115,7 +116,7 @@ def cmd_server(args) -> int:
 
 
 def _inputs(pairs: list[str]) -> dict[str, str]:
-    from pipeline.runner import RunError
+    from flows.runner import RunError
     out = {}
     for text in pairs:
         label, sep, path = text.partition("=")
@@ -127,7 +128,8 @@ def _inputs(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_stage(args) -> int:
-    from pipeline import cache, config, report, runner
+    from pipeline import cache, config
+    from flows import report, runner
     run_dir = Path(args.run_dir).resolve()
     rec = runner.RunRecord(run_dir)
     # A new run directory (e.g. to train on another run's units, --input) starts from the
@@ -137,7 +139,7 @@ def cmd_stage(args) -> int:
     cfg = config.load(args.config, args.set, base=None if fresh else rec.config())
     cache.sweep(runner.cache_root(cfg, run_dir))  # leftovers of killed writers
     inputs = runner.resolve_inputs(args.name, cfg, run_dir, args.iteration, _inputs(args.input))
-    from pipeline import preflight
+    from flows import preflight
     preflight.check(cfg, run_dir, stage=args.name, inputs=inputs)
     _runtime()
     try:
@@ -164,7 +166,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pipeline import report
+    from flows import report
     report.print_show(args.dir, args.json)
     return 0
 
@@ -174,7 +176,7 @@ def cmd_datasets(args) -> int:
     from dataclasses import asdict
 
     from flows import catalog
-    from pipeline import report
+    from flows import report
     rows = catalog.datasets(args.cache_dir)
     if args.json:
         print(json.dumps([asdict(d) for d in rows], indent=2))
@@ -206,14 +208,14 @@ def cmd_gc(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from pipeline.plot import plot_run
+    from flows.plot import plot_run
     print(plot_run(args.dir, args.out))
     return 0
 
 
 def cmd_experiment(args) -> int:
-    from pipeline.experiment import METHODS, run_experiment
-    from pipeline.runner import load_stages
+    from flows.experiment import METHODS, run_experiment
+    from flows.runner import load_stages
     load_stages()
     _runtime()
     methods = args.methods.split(",") if args.methods else list(METHODS)
@@ -225,7 +227,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_config(args) -> int:
     from pipeline.config import describe
-    from pipeline.runner import load_stages
+    from flows.runner import load_stages
     load_stages()
     for key, tp, default, help_ in describe():
         print(f"{key} ({tp}, default {default}): {help_}")
