@@ -56,6 +56,7 @@ STAGES = ("generate", "score", "pair", "update")
 
 # ------------------------------------------------------------------ children
 
+
 def _preflight(cfg, run_dir: Path) -> None:
     try:
         from flows import preflight
@@ -67,8 +68,8 @@ def _preflight(cfg, run_dir: Path) -> None:
 def plain_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     """`eqlen run` without Prefect: the same steps as flows.cli.cmd_run, minus the flow."""
     sys.path.insert(0, str(ROOT))
-    from pipeline import config
     from flows import cli, report, runner
+    from pipeline import config
 
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
@@ -86,8 +87,8 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     """`eqlen run` as it was before flows/server.py: the same flow, with no PREFECT_API_URL,
     so Prefect starts its own temporary server in the process (and stops it at exit)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline import config
     from flows import cli, report
+    from pipeline import config
 
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
@@ -96,6 +97,7 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     cli._prefect_env()
     cli._runtime()
     from flows.online import online
+
     report.console.print(f"flow, Prefect's temporary server -> {run_dir}")
     t0 = time.perf_counter()
     online(config.to_dict(cfg), str(run_dir))
@@ -110,13 +112,19 @@ def probe_child() -> None:
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     t1 = time.perf_counter()
 
     @flow(name="bench-noop", persist_result=False)
     def noop(n: int) -> int:
         for i in range(n):
-            task(lambda i: i, name="noop", task_run_name=f"noop-{i}", cache_policy=NO_CACHE,
-                 persist_result=False)(i)
+            task(
+                lambda i: i,
+                name="noop",
+                task_run_name=f"noop-{i}",
+                cache_policy=NO_CACHE,
+                persist_result=False,
+            )(i)
         return n
 
     with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):  # as eqlen
@@ -126,16 +134,25 @@ def probe_child() -> None:
         t3 = time.perf_counter()
         noop(40)
         t4 = time.perf_counter()
-    print(json.dumps({"import": t1 - t0, "first_flow": t2 - t1, "second_flow": t3 - t2,
-                      "tasks40": t4 - t3}))
+    print(
+        json.dumps(
+            {"import": t1 - t0, "first_flow": t2 - t1, "second_flow": t3 - t2, "tasks40": t4 - t3}
+        )
+    )
 
 
 # ------------------------------------------------------------------ parent
 
+
 def child_env(prefect_home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+    )
     return env
 
 
@@ -144,7 +161,9 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        sys.exit(
+            f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return wall, p.stdout
 
 
@@ -167,14 +186,35 @@ def measure(kind: str, run_dir: Path, args, env: dict) -> dict:
     if kind == "flow_run":
         env = dict(env, EQLEN_PREFECT_SERVER="run")
     if kind == "flow_temp":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--prefect-temp", str(run_dir),
-               "--iterations", str(args.iterations), *sets]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--prefect-temp",
+            str(run_dir),
+            "--iterations",
+            str(args.iterations),
+            *sets,
+        ]
     elif kind.startswith("flow"):
-        cmd = [str(ROOT / ".venv/bin/eqlen"), "run", "--run-dir", str(run_dir),
-               "--iterations", str(args.iterations), *sets]
+        cmd = [
+            str(ROOT / ".venv/bin/eqlen"),
+            "run",
+            "--run-dir",
+            str(run_dir),
+            "--iterations",
+            str(args.iterations),
+            *sets,
+        ]
     else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(run_dir),
-               "--iterations", str(args.iterations), *sets]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--plain",
+            str(run_dir),
+            "--iterations",
+            str(args.iterations),
+            *sets,
+        ]
     wall, out = timed(cmd, env)
     m = re.search(r"done in ([0-9.]+)s", out)
     rec = run_record(run_dir)
@@ -182,24 +222,35 @@ def measure(kind: str, run_dir: Path, args, env: dict) -> dict:
 
 
 def versions(env: dict) -> str:
-    code = ("import torch, transformers, prefect, os; from pipeline import cli; cli._runtime(); "
-            "print(f'torch {torch.__version__}, transformers {transformers.__version__}, prefect "
-            "{prefect.__version__}; {torch.get_num_threads()} torch thread(s) in the stages')")
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
+    code = (
+        "import torch, transformers, prefect, os; from flows import cli; cli._runtime(); "
+        "print(f'torch {torch.__version__}, transformers {transformers.__version__}, prefect "
+        "{prefect.__version__}; {torch.get_num_threads()} torch thread(s) in the stages')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=10, help="demo iterations (default 10)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config overrides for both runs")
-    ap.add_argument("--kinds", default="flow,plain,flow_run,flow_temp",
-                    help="what to measure (default all): flow (`eqlen run`, kept server), "
-                         "plain (no Prefect), flow_run (EQLEN_PREFECT_SERVER=run), flow_temp "
-                         "(the flow with Prefect's own temporary server, as before "
-                         "flows/server.py)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for both runs",
+    )
+    ap.add_argument(
+        "--kinds",
+        default="flow,plain,flow_run,flow_temp",
+        help="what to measure (default all): flow (`eqlen run`, kept server), "
+        "plain (no Prefect), flow_run (EQLEN_PREFECT_SERVER=run), flow_temp "
+        "(the flow with Prefect's own temporary server, as before "
+        "flows/server.py)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary run directories")
     ap.add_argument("--plain", metavar="RUN_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -216,6 +267,7 @@ def main() -> None:
     env = child_env(tmp / "prefect-home")
     sys.path.insert(0, str(ROOT))
     from flows.report import machine
+
     print(f"machine: {machine()}; {versions(env)}")
     probe_cmd = [sys.executable, str(Path(__file__).resolve()), "--probe"]
     eqlen = str(ROOT / ".venv/bin/eqlen")
@@ -232,9 +284,15 @@ def main() -> None:
         server_start = timed([eqlen, "server", "start"], env)[0]
         url = json.loads(timed([eqlen, "server", "status", "--json"], env)[1])["url"]
         print(f"eqlen's kept server: `eqlen server start` {server_start:.1f}s ({url})", flush=True)
-        imports_cmd = [sys.executable, "-c", ("import flows.cli, flows.runner, "
-                       "flows.report, pipeline.demo, stages.generate, stages.score, "
-                       "stages.pair, stages.update")]
+        imports_cmd = [
+            sys.executable,
+            "-c",
+            (
+                "import flows.cli, flows.runner, "
+                "flows.report, pipeline.demo, stages.generate, stages.score, "
+                "stages.pair, stages.update"
+            ),
+        ]
         imports = []
         kinds = tuple(args.kinds.split(","))
         assert "plain" in kinds and set(kinds) <= {"flow", "plain", "flow_run", "flow_temp"}
@@ -247,9 +305,12 @@ def main() -> None:
                 runs[kind].append(measure(kind, d, args, env))
                 runs[f"{kind}_cached"].append(measure(kind, d, args, env))
                 last = runs[kind][-1]
-                print(f"  repeat {r} {kind}: {last['wall']:.1f}s (stages "
-                      + ", ".join(f"{s} {v:.1f}" for s, v in last["stages"].items())
-                      + f"), cached rerun {runs[kind + '_cached'][-1]['wall']:.1f}s", flush=True)
+                print(
+                    f"  repeat {r} {kind}: {last['wall']:.1f}s (stages "
+                    + ", ".join(f"{s} {v:.1f}" for s, v in last["stages"].items())
+                    + f"), cached rerun {runs[kind + '_cached'][-1]['wall']:.1f}s",
+                    flush=True,
+                )
             probes_kept.append(probe(url))
             probes_temp.append(probe(None))
             imports.append(timed(imports_cmd, env)[0])
@@ -257,69 +318,108 @@ def main() -> None:
         timed([eqlen, "server", "stop"], env)
         cold = measure("flow", tmp / "cold", args, env) if "flow" in kinds else None
     finally:
-        subprocess.run([eqlen, "server", "stop"], env=env, cwd=ROOT, capture_output=True,
-                       check=False)
+        subprocess.run(
+            [eqlen, "server", "stop"], env=env, cwd=ROOT, capture_output=True, check=False
+        )
 
-    same = all(f["keys"] == p["keys"] for k in kinds if k != "plain"
-               for f, p in zip(runs[k], runs["plain"]))
+    same = all(
+        f["keys"] == p["keys"]
+        for k in kinds
+        if k != "plain"
+        for f, p in zip(runs[k], runs["plain"])
+    )
 
     def med(kind, key, stage=None):
         xs = [x[key][stage] if stage else x[key] for x in runs[kind]]
         return statistics.median(xs)
 
-    print(f"\n{args.iterations} iterations, demo config{' + ' + ' '.join(args.set) if args.set else ''}"
-          f"; medians over {args.repeats} repeats; seconds")
-    print("| run | wall | in-process | " + " | ".join(STAGES) + " | stages sum | outside stages "
-          "| cached |")
+    print(
+        f"\n{args.iterations} iterations, demo config"
+        f"{' + ' + ' '.join(args.set) if args.set else ''}"
+        f"; medians over {args.repeats} repeats; seconds"
+    )
+    print(
+        "| run | wall | in-process | " + " | ".join(STAGES) + " | stages sum | outside stages "
+        "| cached |"
+    )
     print("|---|" + "---|" * (len(STAGES) + 5))
-    labels = {"flow": "`eqlen run` (Prefect flow, kept server)",
-              "flow_run": "`eqlen run`, per-run server (`EQLEN_PREFECT_SERVER=run`)",
-              "flow_temp": "flow with Prefect's temporary server (before)",
-              "plain": "plain runner (no Prefect)"}
+    labels = {
+        "flow": "`eqlen run` (Prefect flow, kept server)",
+        "flow_run": "`eqlen run`, per-run server (`EQLEN_PREFECT_SERVER=run`)",
+        "flow_temp": "flow with Prefect's temporary server (before)",
+        "plain": "plain runner (no Prefect)",
+    }
     for kind in [k + c for c in ("", "_cached") for k in kinds]:
         base = kind.removesuffix("_cached")
         label = labels[base] + (", rerun all cached" if kind != base else "")
         stage_sum = statistics.median(sum(x["stages"].values()) for x in runs[kind])
-        print(f"| {label} | {med(kind, 'wall'):.1f} | {med(kind, 'inproc'):.1f} | "
-              + " | ".join(f"{med(kind, 'stages', s):.1f}" for s in STAGES)
-              + f" | {stage_sum:.1f} | {med(kind, 'wall') - stage_sum:.1f} | "
-                f"{runs[kind][0]['cached']} |")
+        print(
+            f"| {label} | {med(kind, 'wall'):.1f} | {med(kind, 'inproc'):.1f} | "
+            + " | ".join(f"{med(kind, 'stages', s):.1f}" for s in STAGES)
+            + f" | {stage_sum:.1f} | {med(kind, 'wall') - stage_sum:.1f} | "
+            f"{runs[kind][0]['cached']} |"
+        )
     for kind in kinds:
         if kind == "plain":
             continue
         for fresh in ("", "_cached"):
-            shares = [(f["wall"] - p["wall"]) / f["wall"]
-                      for f, p in zip(runs[kind + fresh], runs["plain" + fresh])]
-            print(f"Prefect's share ({labels[kind]}{', cached rerun' if fresh else ''}): "
-                  f"{statistics.median(shares):.0%} (flow - plain = "
-                  f"{med(kind + fresh, 'wall') - med('plain' + fresh, 'wall'):.1f}s; per repeat "
-                  + ", ".join(f"{s:.0%}" for s in shares) + ")")
+            shares = [
+                (f["wall"] - p["wall"]) / f["wall"]
+                for f, p in zip(runs[kind + fresh], runs["plain" + fresh])
+            ]
+            print(
+                f"Prefect's share ({labels[kind]}{', cached rerun' if fresh else ''}): "
+                f"{statistics.median(shares):.0%} (flow - plain = "
+                f"{med(kind + fresh, 'wall') - med('plain' + fresh, 'wall'):.1f}s; per repeat "
+                + ", ".join(f"{s:.0%}" for s in shares)
+                + ")"
+            )
         ratios = [c["wall"] / f["wall"] for f, c in zip(runs[kind], runs[kind + "_cached"])]
-        print(f"  fully cached rerun / first run: {statistics.median(ratios):.2f} (per repeat "
-              + ", ".join(f"{x:.2f}" for x in ratios) + ")")
+        print(
+            f"  fully cached rerun / first run: {statistics.median(ratios):.2f} (per repeat "
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + ")"
+        )
     if cold:
-        print(f"first `eqlen run` after the kept server stopped (starts it): {cold['wall']:.1f}s "
-              f"wall, {cold['inproc']:.1f}s in process")
-    print(f"same stage outputs with and without Prefect (all cache keys equal): {same}"
-          + ("" if same else " (the keys include the stages' source: was the tree edited "
-             "during the benchmark?)"))
+        print(
+            f"first `eqlen run` after the kept server stopped (starts it): {cold['wall']:.1f}s "
+            f"wall, {cold['inproc']:.1f}s in process"
+        )
+    print(
+        f"same stage outputs with and without Prefect (all cache keys equal): {same}"
+        + (
+            ""
+            if same
+            else " (the keys include the stages' source: was the tree edited during the benchmark?)"
+        )
+    )
 
-    for name, probes in (("against the kept server", probes_kept),
-                         ("no API URL: Prefect's own temporary server", probes_temp)):
+    for name, probes in (
+        ("against the kept server", probes_kept),
+        ("no API URL: Prefect's own temporary server", probes_temp),
+    ):
+
         def pm(key, probes=probes):
             return statistics.median(p[key] for p in probes)
-        print(f"\nPrefect probe {name} (import, empty flow twice, 40 empty tasks, exit), "
-              f"medians of {len(probes)}: import {pm('import'):.2f}s, first flow call "
-              f"{pm('first_flow'):.2f}s, second {pm('second_flow'):.2f}s, flow of 40 tasks "
-              f"{pm('tasks40'):.2f}s ({(pm('tasks40') - pm('second_flow')) / 40 * 1000:.0f} ms "
-              f"per task run), interpreter start + exit {pm('exit'):.2f}s; whole probe "
-              f"{pm('wall'):.1f}s")
+
+        print(
+            f"\nPrefect probe {name} (import, empty flow twice, 40 empty tasks, exit), "
+            f"medians of {len(probes)}: import {pm('import'):.2f}s, first flow call "
+            f"{pm('first_flow'):.2f}s, second {pm('second_flow'):.2f}s, flow of 40 tasks "
+            f"{pm('tasks40'):.2f}s ({(pm('tasks40') - pm('second_flow')) / 40 * 1000:.0f} ms "
+            f"per task run), interpreter start + exit {pm('exit'):.2f}s; whole probe "
+            f"{pm('wall'):.1f}s"
+        )
     pt = statistics.median(p["first_flow"] - p["second_flow"] for p in probes_temp)
     print(f"Prefect's temporary server start (first flow call - second): {pt:.1f}s")
-    print(f"interpreter start + the pipeline's imports (torch, transformers, stages), no "
-          f"Prefect: {statistics.median(imports):.1f}s")
-    print(f"first probe on an empty PREFECT_HOME (database created, temporary server): first "
-          f"flow call {first['first_flow']:.1f}s, whole {first['wall']:.1f}s")
+    print(
+        f"interpreter start + the pipeline's imports (torch, transformers, stages), no "
+        f"Prefect: {statistics.median(imports):.1f}s"
+    )
+    print(
+        f"first probe on an empty PREFECT_HOME (database created, temporary server): first "
+        f"flow call {first['first_flow']:.1f}s, whole {first['wall']:.1f}s"
+    )
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     else:

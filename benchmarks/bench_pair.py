@@ -38,15 +38,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-
 from eqlen_testing.synthetic import EOS, synthetic_scored  # noqa: F401  (EOS: re-exported)
-from pipeline import config
 from flows import report
 from flows.runner import Context
+from pipeline import config
 from stages import pair
 
-def check_sample(table: pa.Table, units: pa.Table | None, *, rounds: int, max_new_tokens: int,
-                 strategy: str | None = None, n_prompts: int = 200) -> int:
+
+def check_sample(
+    table: pa.Table,
+    units: pa.Table | None,
+    *,
+    rounds: int,
+    max_new_tokens: int,
+    strategy: str | None = None,
+    n_prompts: int = 200,
+) -> int:
     """Check the rollouts of the first n_prompts prompts (and their units) with the independent
     checker of eqlen_testing/invariants.py; returns the rows checked."""
     from eqlen_testing.invariants import check_rollouts, check_units
@@ -71,9 +78,11 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def machine() -> str:
-    return (f"{report.machine()}; python {platform.python_version()}, "
-            f"pyarrow {version('pyarrow')}, polars {version('polars')}, numpy {np.__version__}, "
-            f"torch {version('torch')}")
+    return (
+        f"{report.machine()}; python {platform.python_version()}, "
+        f"pyarrow {version('pyarrow')}, polars {version('polars')}, numpy {np.__version__}, "
+        f"torch {version('torch')}"
+    )
 
 
 def main() -> None:
@@ -88,61 +97,93 @@ def main() -> None:
     args = ap.parse_args()
     strategies = args.strategies.split(",")
     print(f"machine: {machine()}")
-    print(f"pair stage version {pair.STAGE.version}; {args.rows:,} rows asked, group {args.group}, "
-          f"max_new_tokens {args.max_new_tokens}, median of {args.repeats} run(s)")
+    print(
+        f"pair stage version {pair.STAGE.version}; {args.rows:,} rows asked, group {args.group}, "
+        f"max_new_tokens {args.max_new_tokens}, median of {args.repeats} run(s)"
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-pair-") as tmp:
         tmp = Path(tmp)
-        datasets = [(1, [s for s in strategies if s != "eqlen"]),
-                    (args.rounds, [s for s in strategies if s == "eqlen"])]
+        datasets = [
+            (1, [s for s in strategies if s != "eqlen"]),
+            (args.rounds, [s for s in strategies if s == "eqlen"]),
+        ]
         for rounds, names in datasets:
             if not names:
                 continue
             t0 = time.perf_counter()
             print(f"building rollouts, rounds={rounds} ...", end=" ", flush=True)
-            table = synthetic_scored(args.rows, rounds=rounds, group_size=args.group,
-                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
+            table = synthetic_scored(
+                args.rows,
+                rounds=rounds,
+                group_size=args.group,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+            )
             scored = tmp / f"scored-r{rounds}"
             scored.mkdir()
             pq.write_table(table, scored / "scored.parquet")
             inherit = pc.sum(pc.greater(table.column("birth_round"), 0)).as_py()
             tokens = pc.sum(pc.list_value_length(table.column("response_ids"))).as_py()
             mb = (scored / "scored.parquet").stat().st_size / 2**20
-            print(f"{table.num_rows:,} rows ({inherit:,} inheriting), {tokens:,} response "
-                  f"tokens, {mb:.0f} MiB Parquet, {time.perf_counter() - t0:.1f} s")
+            print(
+                f"{table.num_rows:,} rows ({inherit:,} inheriting), {tokens:,} response "
+                f"tokens, {mb:.0f} MiB Parquet, {time.perf_counter() - t0:.1f} s"
+            )
             checked = check_sample(table, None, rounds=rounds, max_new_tokens=args.max_new_tokens)
-            print(f"  eqlen_testing/invariants.py check_rollouts: {checked:,} rows of 200 prompts ok")
+            print(
+                f"  eqlen_testing/invariants.py check_rollouts: {checked:,} rows of 200 prompts ok"
+            )
             del table
 
-            def baseline():
+            def baseline(scored=scored):  # bound now: the loop rebinds `scored`
                 t = pq.read_table(scored / "scored.parquet")
                 pq.write_table(t, tmp / "baseline.parquet")
+
             base_s, _ = timed(baseline, args.repeats)
             print(f"  baseline read + write: {base_s:.2f} s")
             for name in names:
-                cfg = config.load(None, [f"pair.strategy={name}", f"generate.rounds={rounds}",
-                                         f"generate.group_size={args.group}"])
+                cfg = config.load(
+                    None,
+                    [
+                        f"pair.strategy={name}",
+                        f"generate.rounds={rounds}",
+                        f"generate.group_size={args.group}",
+                    ],
+                )
                 out = tmp / f"units-{name}"
                 out.mkdir()
                 print(f"  pair.strategy={name} ...", end=" ", flush=True)
-                secs, res = timed(lambda: pair.run({"scored": scored}, out, cfg,
-                                                   Context(iteration=0)), args.repeats)
+                secs, res = timed(
+                    # Defaults bind this iteration's values (the loop rebinds the names).
+                    lambda scored=scored, out=out, cfg=cfg: pair.run(
+                        {"scored": scored}, out, cfg, Context(iteration=0)
+                    ),
+                    args.repeats,
+                )
                 m = res["metrics"]
-                print(f"{secs:.2f} s, {res['rows']:,} members in {m['units']:,} units, "
-                      f"effective token ratio {m['effective_token_ratio']:.3f}")
+                print(
+                    f"{secs:.2f} s, {res['rows']:,} members in {m['units']:,} units, "
+                    f"effective token ratio {m['effective_token_ratio']:.3f}"
+                )
                 units = pq.read_table(out / "units.parquet")
                 table = pq.read_table(scored / "scored.parquet")
-                check_sample(table, units, rounds=rounds, max_new_tokens=args.max_new_tokens,
-                             strategy=name)
+                check_sample(
+                    table, units, rounds=rounds, max_new_tokens=args.max_new_tokens, strategy=name
+                )
                 print("    eqlen_testing/invariants.py check_units on the sample: ok")
                 results.append((name, rounds, table.num_rows, secs, base_s, res["rows"]))
                 del units, table
-    print("\n| strategy | rounds | rows | pair stage s | rows/s | baseline s | stage / baseline "
-          "| units rows |")
+    print(
+        "\n| strategy | rounds | rows | pair stage s | rows/s | baseline s | stage / baseline "
+        "| units rows |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, rounds, rows, secs, base_s, members in results:
-        print(f"| {name} | {rounds} | {rows:,} | {secs:.2f} | {rows / secs:,.0f} | {base_s:.2f} "
-              f"| {secs / base_s:.1f}x | {members:,} |")
+        print(
+            f"| {name} | {rounds} | {rows:,} | {secs:.2f} | {rows / secs:,.0f} | {base_s:.2f} "
+            f"| {secs / base_s:.1f}x | {members:,} |"
+        )
 
 
 if __name__ == "__main__":

@@ -74,19 +74,36 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import config, report, runner  # noqa: E402
+from flows import report, runner  # noqa: E402
+from pipeline import config  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
 
 # EqLen's update.loss_agg -> TRL's loss_type with the same per-token weights
 # (token_mean/dapo differ in the normaliser's scope: see trl_normaliser_note()).
-TRL_LOSS_TYPE = {"seq_mean_token_mean": "grpo", "token_mean": "dapo",
-                 "seq_mean_token_sum_norm": "dr_grpo"}
-UNIT_COLUMNS = ("unit_id", "prompt_id", "strategy", "round", "unit_size", "context_ids",
-                "segment_ids", "old_logprobs", "loss_mask", "reward", "advantage",
-                "response_len", "finish_reason")
+TRL_LOSS_TYPE = {
+    "seq_mean_token_mean": "grpo",
+    "token_mean": "dapo",
+    "seq_mean_token_sum_norm": "dr_grpo",
+}
+UNIT_COLUMNS = (
+    "unit_id",
+    "prompt_id",
+    "strategy",
+    "round",
+    "unit_size",
+    "context_ids",
+    "segment_ids",
+    "old_logprobs",
+    "loss_mask",
+    "reward",
+    "advantage",
+    "response_len",
+    "finish_reason",
+)
 
 
 # ------------------------------------------------------------------ EqLen units -> TRL
+
 
 def minibatch_order(n: int, cfg, iteration: int = 0) -> list[np.ndarray]:
     """The members of each mini-batch, in the order `stages.update.run` draws them."""
@@ -108,8 +125,9 @@ def trl_advantages(rewards, unit_id, eps: float = 1e-4) -> torch.Tensor:
     return adv
 
 
-def trl_generation_batch(cols: dict[str, list], order, pad_id: int,
-                         advantages) -> dict[str, torch.Tensor]:
+def trl_generation_batch(
+    cols: dict[str, list], order, pad_id: int, advantages
+) -> dict[str, torch.Tensor]:
     """What GRPOTrainer's generation phase returns, built from EqLen group-unit members.
 
     `order` lists member indices (the rows of the batch, in that order). Prompt ids are
@@ -121,9 +139,11 @@ def trl_generation_batch(cols: dict[str, list], order, pad_id: int,
     ctx = [cols["context_ids"][i] for i in order]
     seg = [cols["segment_ids"][i] for i in order]
     if any(not all(cols["loss_mask"][i]) for i in order):
-        raise ValueError("a member masks part of its segment; TRL's completion_mask would also "
-                         "hide those tokens from attention, so this comparison needs "
-                         "update.mask_truncated=false and group units")
+        raise ValueError(
+            "a member masks part of its segment; TRL's completion_mask would also "
+            "hide those tokens from attention, so this comparison needs "
+            "update.mask_truncated=false and group units"
+        )
     B, P, C = len(order), max(map(len, ctx)), max(map(len, seg))
     prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((B, P), dtype=torch.long)
@@ -131,30 +151,36 @@ def trl_generation_batch(cols: dict[str, list], order, pad_id: int,
     completion_mask = torch.zeros((B, C), dtype=torch.long)
     old = torch.zeros((B, C), dtype=torch.float32)
     for b, (c, s, i) in enumerate(zip(ctx, seg, order)):
-        prompt_ids[b, P - len(c):] = torch.tensor(c)
-        prompt_mask[b, P - len(c):] = 1
-        completion_ids[b, :len(s)] = torch.tensor(s)
-        completion_mask[b, :len(s)] = 1
-        old[b, :len(s)] = torch.tensor(cols["old_logprobs"][i])
+        prompt_ids[b, P - len(c) :] = torch.tensor(c)
+        prompt_mask[b, P - len(c) :] = 1
+        completion_ids[b, : len(s)] = torch.tensor(s)
+        completion_mask[b, : len(s)] = 1
+        old[b, : len(s)] = torch.tensor(cols["old_logprobs"][i])
     adv = torch.as_tensor(np.asarray(advantages, dtype=np.float32))[order]
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids, "completion_mask": completion_mask,
-            "advantages": adv, "old_per_token_logps": old,
-            "num_items_in_batch": completion_mask.sum()}
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "num_items_in_batch": completion_mask.sum(),
+    }
 
 
 def trl_normaliser_note(loss_type: str) -> str:
     return {
         "grpo": "exact: TRL's per-micro-batch mean over sequences / accumulation steps is the "
-                "mini-batch mean when micro-batches are equal in size",
+        "mini-batch mean when micro-batches are equal in size",
         "dr_grpo": "exact: 1 / (sequences per micro-batch x L_max x accumulation steps)",
         "dapo": "not exact: TRL divides by the generation batch's tokens x accumulation steps / "
-                "steps_per_generation (the mean tokens per mini-batch), EqLen by the tokens of "
-                "the mini-batch itself",
+        "steps_per_generation (the mean tokens per mini-batch), EqLen by the tokens of "
+        "the mini-batch itself",
     }[loss_type]
 
 
 # ------------------------------------------------------------------ the two trainers
+
 
 def make_rollouts(cfg, run_dir: Path) -> Path:
     """Generate, score and pair iteration 0 with the project's stages; the units folder."""
@@ -179,14 +205,22 @@ def run_eqlen(cfg, units_dir: Path, out_dir: Path) -> dict:
 
     policy = Path(runner.policy_input(cfg).path)
     t0 = time.perf_counter()
-    res = update.run({"units": units_dir, "policy": policy, "reference": policy}, out_dir, cfg,
-                     runner.Context(iteration=0, log=lambda s: None))
+    res = update.run(
+        {"units": units_dir, "policy": policy, "reference": policy},
+        out_dir,
+        cfg,
+        runner.Context(iteration=0, log=lambda s: None),
+    )
     whole = time.perf_counter() - t0
     m = res["metrics"]
     steps = pq.read_table(out_dir / "metrics.parquet").to_pylist()
-    return {"loop": m["tokens_trained"] / m["tokens_per_s"], "whole": whole,
-            "loss0": steps[0]["loss"], "grad_norm0": steps[0]["grad_norm"],
-            "model_dir": out_dir / "model"}
+    return {
+        "loop": m["tokens_trained"] / m["tokens_per_s"],
+        "whole": whole,
+        "loss0": steps[0]["loss"],
+        "grad_norm0": steps[0]["grad_norm"],
+        "model_dir": out_dir / "model",
+    }
 
 
 def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict:
@@ -210,7 +244,6 @@ def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict
             if logs and "grad_norm" in logs:
                 captured.append(dict(logs))
 
-
     class FixedRolloutGRPOTrainer(GRPOTrainer):
         """GRPOTrainer whose generation phase is replaced by fixed rollouts, unshuffled."""
 
@@ -233,29 +266,62 @@ def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict
     t_prep = time.perf_counter() - t_prep
     prompts = sorted(set(cols["prompt_id"]))
     args = GRPOConfig(
-        output_dir=str(out_dir), report_to=[], use_cpu=True, bf16=False, fp16=False,
-        gradient_checkpointing=False, seed=cfg.seed, logging_steps=1, save_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        output_dir=str(out_dir),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
         per_device_train_batch_size=u.micro_batch_size,
         gradient_accumulation_steps=per_minibatch // u.micro_batch_size,
-        steps_per_generation=n // u.micro_batch_size, num_generations=cols["unit_size"][0],
-        max_steps=u.minibatches, num_iterations=u.epochs, max_completion_length=cfg.generate.max_new_tokens,
-        temperature=cfg.generate.temperature, learning_rate=u.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=u.weight_decay, max_grad_norm=u.max_grad_norm,
-        loss_type=loss_type, beta=0.0, epsilon=u.clip_low, epsilon_high=u.clip_high,
-        scale_rewards="group", shuffle_dataset=False, log_completions=False)
+        steps_per_generation=n // u.micro_batch_size,
+        num_generations=cols["unit_size"][0],
+        max_steps=u.minibatches,
+        num_iterations=u.epochs,
+        max_completion_length=cfg.generate.max_new_tokens,
+        temperature=cfg.generate.temperature,
+        learning_rate=u.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=u.weight_decay,
+        max_grad_norm=u.max_grad_norm,
+        loss_type=loss_type,
+        beta=0.0,
+        epsilon=u.clip_low,
+        epsilon_high=u.clip_high,
+        scale_rewards="group",
+        shuffle_dataset=False,
+        log_completions=False,
+    )
     trainer = FixedRolloutGRPOTrainer(
-        model=model, reward_funcs=_never_called, args=args, processing_class=tok,
-        train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[Clock()],
-        micro_batches=micro)
+        model=model,
+        reward_funcs=_never_called,
+        args=args,
+        processing_class=tok,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        callbacks=[Clock()],
+        micro_batches=micro,
+    )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm adds it: a print per step
     trainer.train()
     trainer.save_model(str(out_dir / "model"))
     torch.save(trainer.optimizer.state_dict(), out_dir / "model" / "optimizer.pt")
     whole = time.perf_counter() - t0
-    return {"loop": times["end"] - times["begin"], "whole": whole,
-            "loss0": captured[0]["loss"], "grad_norm0": captured[0]["grad_norm"],
-            "prep": t_prep, "model": trainer.model, "optim": str(trainer.args.optim)}
+    return {
+        "loop": times["end"] - times["begin"],
+        "whole": whole,
+        "loss0": captured[0]["loss"],
+        "grad_norm0": captured[0]["grad_norm"],
+        "prep": t_prep,
+        "model": trainer.model,
+        "optim": str(trainer.args.optim),
+    }
 
 
 def _never_called(completions, **kw):
@@ -265,26 +331,40 @@ def _never_called(completions, **kw):
 # ------------------------------------------------------------------ main
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loss-agg", default="seq_mean_token_mean", choices=sorted(TRL_LOSS_TYPE))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip-zero-signal", action="store_true",
-                    help="let EqLen skip members of all-equal-reward units (its default)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra EqLen config overrides (the demo config otherwise)")
+    ap.add_argument(
+        "--skip-zero-signal",
+        action="store_true",
+        help="let EqLen skip members of all-equal-reward units (its default)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra EqLen config overrides (the demo config otherwise)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     import transformers
     import trl
 
-    cfg = config.load(None, [f"update.loss_agg={args.loss_agg}", "pair.strategy=group",
-                             f"update.skip_zero_signal={str(args.skip_zero_signal).lower()}",
-                             *args.set])
+    cfg = config.load(
+        None,
+        [
+            f"update.loss_agg={args.loss_agg}",
+            "pair.strategy=group",
+            f"update.skip_zero_signal={str(args.skip_zero_signal).lower()}",
+            *args.set,
+        ],
+    )
     loss_type = TRL_LOSS_TYPE[args.loss_agg]
     if cfg.update.epochs != 1 or cfg.update.beta != 0 or cfg.update.lr_schedule != "constant":
         raise SystemExit("this comparison covers epochs=1, beta=0, a constant lr")
@@ -294,28 +374,35 @@ def main() -> None:
     print(f"rollouts: {time.perf_counter() - t0:.1f}s -> {units_dir}")
 
     from stages import update
+
     cols = load_members(units_dir)
     n = len(cols["unit_id"])
     if n % (cfg.update.minibatches * cfg.update.micro_batch_size):
-        raise SystemExit(f"{n} members do not split into {cfg.update.minibatches} mini-batches "
-                         f"of whole {cfg.update.micro_batch_size}-member micro-batches")
+        raise SystemExit(
+            f"{n} members do not split into {cfg.update.minibatches} mini-batches "
+            f"of whole {cfg.update.micro_batch_size}-member micro-batches"
+        )
     order = np.concatenate(minibatch_order(n, cfg))
     adv_eqlen = update.advantages(cols, cfg)
     adv_trl = trl_advantages(cols["reward"], cols["unit_id"], eps=cfg.update.eps)
     tokens = sum(sum(m) for m in cols["loss_mask"])
 
-    print(f"machine: {report.machine()}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, trl {trl.__version__}; {torch.get_num_threads()} torch "
-          f"thread(s)")
-    print(f"batch: {n} members ({len(set(cols['unit_id']))} prompts x {cols['unit_size'][0]}), "
-          f"{tokens} trained tokens, {cfg.update.minibatches} mini-batches x "
-          f"{n // cfg.update.minibatches} members, micro-batch {cfg.update.micro_batch_size}; "
-          f"loss_agg {args.loss_agg} = TRL loss_type {loss_type!r}; skip_zero_signal "
-          f"{cfg.update.skip_zero_signal}")
+    print(
+        f"machine: {report.machine()}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, trl {trl.__version__}; {torch.get_num_threads()} torch "
+        f"thread(s)"
+    )
+    print(
+        f"batch: {n} members ({len(set(cols['unit_id']))} prompts x {cols['unit_size'][0]}), "
+        f"{tokens} trained tokens, {cfg.update.minibatches} mini-batches x "
+        f"{n // cfg.update.minibatches} members, micro-batch {cfg.update.micro_batch_size}; "
+        f"loss_agg {args.loss_agg} = TRL loss_type {loss_type!r}; skip_zero_signal "
+        f"{cfg.update.skip_zero_signal}"
+    )
 
     runs = {"eqlen": [], "trl": []}
     for r in range(args.repeats + 1):  # repeat 0 is the warm-up, also used for the check
-        for side in (("eqlen", "trl") if r % 2 == 0 else ("trl", "eqlen")):
+        for side in ("eqlen", "trl") if r % 2 == 0 else ("trl", "eqlen"):
             torch.set_num_threads(args.threads)
             out = Path(tempfile.mkdtemp(dir=tmp, prefix=f"{side}{r}_"))
             if side == "eqlen":
@@ -336,33 +423,50 @@ def main() -> None:
         return statistics.median(x[key] for x in runs[side][1:])
 
     print("\nnumerical check (warm-up run):")
-    print(f"  advantages: max |EqLen - TRL formula| = "
-          f"{float(np.abs(adv_eqlen - adv_trl.double().numpy()).max()):.2e}")
-    print(f"  first-step loss: EqLen {e0['loss0']:+.8f}  TRL {t0_['loss0']:+.8f}  "
-          f"(|diff| {abs(e0['loss0'] - t0_['loss0']):.1e})")
-    print(f"  first-step grad norm: EqLen {e0['grad_norm0']:.8f}  TRL {t0_['grad_norm0']:.8f}  "
-          f"(rel diff {abs(e0['grad_norm0'] - t0_['grad_norm0']) / t0_['grad_norm0']:.1e})")
-    print(f"  after {cfg.update.minibatches} steps: max |param EqLen - param TRL| = {diff:.1e} "
-          f"(max |param change| {moved:.1e})")
+    print(
+        f"  advantages: max |EqLen - TRL formula| = "
+        f"{float(np.abs(adv_eqlen - adv_trl.double().numpy()).max()):.2e}"
+    )
+    print(
+        f"  first-step loss: EqLen {e0['loss0']:+.8f}  TRL {t0_['loss0']:+.8f}  "
+        f"(|diff| {abs(e0['loss0'] - t0_['loss0']):.1e})"
+    )
+    print(
+        f"  first-step grad norm: EqLen {e0['grad_norm0']:.8f}  TRL {t0_['grad_norm0']:.8f}  "
+        f"(rel diff {abs(e0['grad_norm0'] - t0_['grad_norm0']) / t0_['grad_norm0']:.1e})"
+    )
+    print(
+        f"  after {cfg.update.minibatches} steps: max |param EqLen - param TRL| = {diff:.1e} "
+        f"(max |param change| {moved:.1e})"
+    )
     print(f"  normaliser: {trl_normaliser_note(loss_type)}")
     if loss_type == "dapo":
         mb0 = minibatch_order(n, cfg)[0]
         expect = sum(sum(cols["loss_mask"][i]) for i in mb0) / (tokens / cfg.update.minibatches)
-        print(f"  expected first-step TRL/EqLen from that: {expect:.5f}; measured loss "
-              f"{t0_['loss0'] / e0['loss0']:.5f}, grad norm {t0_['grad_norm0'] / e0['grad_norm0']:.5f}")
+        print(
+            f"  expected first-step TRL/EqLen from that: {expect:.5f}; measured loss "
+            f"{t0_['loss0'] / e0['loss0']:.5f}, grad norm "
+            f"{t0_['grad_norm0'] / e0['grad_norm0']:.5f}"
+        )
     print(f"  TRL optimizer: {t0_['optim']}; EqLen: torch.optim.AdamW")
     print(f"\nmedians over {args.repeats} repeats:")
     print("| trainer | loop s | trained tokens/s | whole call s |")
     print("|---|---|---|---|")
     for side, label in (("eqlen", "EqLen update stage"), ("trl", "TRL GRPOTrainer")):
-        print(f"| {label} | {med(side, 'loop'):.3f} | {tokens / med(side, 'loop'):,.0f} | "
-              f"{med(side, 'whole'):.2f} |")
-    print(f"(TRL's batch tensors were built outside its loop, as its generation phase builds "
-          f"them: {med('trl', 'prep'):.3f}s; EqLen pads its micro-batches inside the loop)")
+        print(
+            f"| {label} | {med(side, 'loop'):.3f} | {tokens / med(side, 'loop'):,.0f} | "
+            f"{med(side, 'whole'):.2f} |"
+        )
+    print(
+        f"(TRL's batch tensors were built outside its loop, as its generation phase builds "
+        f"them: {med('trl', 'prep'):.3f}s; EqLen pads its micro-batches inside the loop)"
+    )
     ratios = [t["loop"] / e["loop"] for e, t in zip(runs["eqlen"][1:], runs["trl"][1:])]
-    print(f"\nEqLen/TRL trained tokens/s: {statistics.median(ratios):.2f}x (median of per-repeat "
-          f"ratios; range {min(ratios):.2f}-{max(ratios):.2f}); whole call "
-          f"{med('trl', 'whole') / med('eqlen', 'whole'):.2f}x")
+    print(
+        f"\nEqLen/TRL trained tokens/s: {statistics.median(ratios):.2f}x (median of per-repeat "
+        f"ratios; range {min(ratios):.2f}-{max(ratios):.2f}); whole call "
+        f"{med('trl', 'whole') / med('eqlen', 'whole'):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -36,17 +36,20 @@ def check_rollouts(rollouts: list[dict], *, rounds: int, max_new_tokens: int, eo
         assert n <= rounds - 1, f"pair {pair}: {n} newcomers with rounds={rounds}"
 
 
-def check_units(rollouts: list[dict], units: list[dict], metrics: dict | None = None,
-                *, strategy: str):
+def check_units(
+    rollouts: list[dict], units: list[dict], metrics: dict | None = None, *, strategy: str
+):
     tracks = {r["track_id"]: r for r in rollouts}
     by_unit = defaultdict(list)
     seen: dict[tuple[int, int], int] = {}
     for u in units:
         t = tracks[u["track_id"]]
         resp, off, m = t["response_ids"], u["offset"], u["segment_len"]
-        assert m >= 1 and len(u["segment_ids"]) == m == len(u["old_logprobs"]) == len(u["loss_mask"])
-        assert u["segment_ids"] == resp[off:off + m], "segment is the slice it claims"
-        assert u["old_logprobs"] == t["logprobs"][off:off + m]
+        assert m >= 1 and len(u["segment_ids"]) == m == len(u["old_logprobs"]) == len(
+            u["loss_mask"]
+        )
+        assert u["segment_ids"] == resp[off : off + m], "segment is the slice it claims"
+        assert u["old_logprobs"] == t["logprobs"][off : off + m]
         assert u["context_ids"] == t["prompt_ids"] + resp[:off], "context = prompt + prefix"
         assert u["reward"] == t["reward"]
         for j, keep in enumerate(u["loss_mask"]):
@@ -56,7 +59,7 @@ def check_units(rollouts: list[dict], units: list[dict], metrics: dict | None = 
                 assert (t["track_id"], pos) not in seen, "a token enters the loss twice"
                 seen[(t["track_id"], pos)] = u["unit_id"]
         by_unit[u["unit_id"]].append(u)
-    for uid, members in by_unit.items():
+    for members in by_unit.values():
         if strategy in ("eqlen", "truncate"):
             assert len(members) == 2
             a, b = members

@@ -31,7 +31,7 @@ def assert_newcomers_sample_their_context(model, tok, prompts, tracks, temperatu
     right, wrong = [], []
     for t in newcomers:
         tokn, u = t.response_ids[t.own_start], rng.random()
-        ctx = prompts[t.prompt_index] + t.response_ids[:t.own_start]
+        ctx = prompts[t.prompt_index] + t.response_ids[: t.own_start]
         right.append(_pit(model, tok, ctx, tokn, u, temperature))
         wrong.append(_pit(model, tok, prompts[t.prompt_index], tokn, u, temperature))
     crit = 1.63 / np.sqrt(len(newcomers))

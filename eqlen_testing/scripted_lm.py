@@ -40,10 +40,19 @@ class ScriptedLM(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.eos_bias = eos_bias
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=True):
-        hist = input_ids if past_key_values is None else torch.cat(
-            [past_key_values.hist, input_ids], dim=1)
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=True,
+    ):
+        hist = (
+            input_ids
+            if past_key_values is None
+            else torch.cat([past_key_values.hist, input_ids], dim=1)
+        )
         last = torch.stack([next_logprobs(row.tolist(), self.eos_bias) for row in hist])
         logits = last[:, None, :].expand(-1, input_ids.shape[1], -1)
         return SimpleNamespace(logits=logits, past_key_values=FakeCache(hist))

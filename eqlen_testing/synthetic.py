@@ -54,9 +54,16 @@ def _lineage(rng, n_pairs: int, rounds: int, max_new_tokens: int) -> dict[str, n
     return {"pair": pair_of, "length": length, "parent": parent, "birth": birth, "own": own}
 
 
-def synthetic_scored(n_rows: int, *, rounds: int, group_size: int = 8, max_new_tokens: int = 64,
-                     prompt_len: tuple[int, int] = (16, 64), vocab: int = 32000,
-                     seed: int = 0) -> pa.Table:
+def synthetic_scored(
+    n_rows: int,
+    *,
+    rounds: int,
+    group_size: int = 8,
+    max_new_tokens: int = 64,
+    prompt_len: tuple[int, int] = (16, 64),
+    vocab: int = 32000,
+    seed: int = 0,
+) -> pa.Table:
     """A valid `scored` table of whole prompts with at most n_rows rows (at least one prompt)."""
     rng = np.random.default_rng(seed)
     half = group_size // 2
@@ -71,8 +78,12 @@ def synthetic_scored(n_rows: int, *, rounds: int, group_size: int = 8, max_new_t
     # the step they were born on.
     first = lin["birth"] == 0
     newcomers = np.flatnonzero(keep & ~first)
-    order = np.concatenate([np.flatnonzero(keep & first),
-                            newcomers[np.lexsort((lin["pair"][newcomers], lin["own"][newcomers]))]])
+    order = np.concatenate(
+        [
+            np.flatnonzero(keep & first),
+            newcomers[np.lexsort((lin["pair"][newcomers], lin["own"][newcomers]))],
+        ]
+    )
     track_id = np.full(len(keep), -1)
     track_id[order] = np.arange(len(order))
     lin = {k: v[order] for k, v in lin.items()}
@@ -99,8 +110,10 @@ def synthetic_scored(n_rows: int, *, rounds: int, group_size: int = 8, max_new_t
     p_ids = rng.integers(EOS + 1, vocab, int(p_off[-1]), dtype=np.int32)
     prompt_lists = pa.ListArray.from_arrays(pa.array(p_off, pa.int32()), pa.array(p_ids))
     prompt_text = pa.StringArray.from_buffers(
-        n_prompts, pa.py_buffer(p_off.astype(np.int32)),
-        pa.py_buffer((p_ids % 26 + 97).astype(np.uint8)))
+        n_prompts,
+        pa.py_buffer(p_off.astype(np.int32)),
+        pa.py_buffer((p_ids % 26 + 97).astype(np.uint8)),
+    )
     prompt_of_row = lin["pair"] // half
     take = pa.array(prompt_of_row)
     success = rng.beta(0.7, 0.7, n_prompts)[prompt_of_row]
@@ -108,7 +121,8 @@ def synthetic_scored(n_rows: int, *, rounds: int, group_size: int = 8, max_new_t
     prompt_id = pa.array([f"p{i:07d}" for i in range(n_prompts)])
     answer = pa.array([str(i % 99991) for i in range(n_prompts)])
     text = pa.StringArray.from_buffers(
-        n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer((ids % 10 + 48).astype(np.uint8)))
+        n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer((ids % 10 + 48).astype(np.uint8))
+    )
     columns = {
         "prompt_id": prompt_id.take(take),
         "prompt": prompt_text.take(take),

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import cache
 from flows.runner import STAGE_NAMES, RunRecord, registered_runs
+from pipeline import cache
 
 
 @dataclass
@@ -75,24 +75,36 @@ def datasets(root: str | Path) -> list[Dataset]:
     uses = _uses(root)
     out = []
     for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for folder in sorted(p for p in stage_dir.iterdir()
-                             if p.is_dir() and not p.name.startswith(".")):
+        for folder in sorted(
+            p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
             m = cache.read_manifest(folder)
             m = m if isinstance(m, dict) else {}
-            out.append(Dataset(
-                stage=m.get("stage", stage_dir.name), implementation=m.get("implementation", ""),
-                key=folder.name, path=str(folder), rows=m.get("rows"),
-                created=m.get("created", ""), bytes=_size(folder), iteration=m.get("iteration"),
-                runs=sorted({r for r, _, _ in uses.get(str(folder), [])}),
-                present=cache.lookup(folder) is not None))
+            out.append(
+                Dataset(
+                    stage=m.get("stage", stage_dir.name),
+                    implementation=m.get("implementation", ""),
+                    key=folder.name,
+                    path=str(folder),
+                    rows=m.get("rows"),
+                    created=m.get("created", ""),
+                    bytes=_size(folder),
+                    iteration=m.get("iteration"),
+                    runs=sorted({r for r, _, _ in uses.get(str(folder), [])}),
+                    present=cache.lookup(folder) is not None,
+                )
+            )
     order = {n: i for i, n in enumerate(("prompts", *STAGE_NAMES))}
     return sorted(out, key=lambda d: (order.get(d.stage, 99), d.created), reverse=False)
 
 
 def cache_error(root: Path):
     from flows.runner import RunError
-    return RunError(f"{root} is not a cache directory (no such folder); give a run's cache "
-                    "(RUN_DIR/cache) or the cache_dir a config names")
+
+    return RunError(
+        f"{root} is not a cache directory (no such folder); give a run's cache "
+        "(RUN_DIR/cache) or the cache_dir a config names"
+    )
 
 
 @dataclass
@@ -104,8 +116,13 @@ class Collected:
     kept_locked: int
 
 
-def gc(root: str | Path, *, keep_last: int | None = None, min_age_hours: float = 1.0,
-       dry_run: bool = False) -> Collected:
+def gc(
+    root: str | Path,
+    *,
+    keep_last: int | None = None,
+    min_age_hours: float = 1.0,
+    dry_run: bool = False,
+) -> Collected:
     """Remove the outputs of cache root `root` that no registered run needs (see module)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():

@@ -1,15 +1,15 @@
 """The `eqlen` command line (docs/method.md, "Interfaces").
 
-    eqlen run   [--config FILE] [--run-dir DIR] [--iterations N] [--set KEY=VALUE ...] [--force]
-    eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]
-                [--input LABEL=PATH ...] [--config FILE]
-    eqlen show  DIR [--json]
-    eqlen plot  DIR [--out PNG]
-    eqlen experiment [--out DIR] [--methods a,b] [--seeds 0,1,2] [--set KEY=VALUE ...]
-    eqlen config            (every config key with its type, default and meaning)
-    eqlen datasets [CACHE_DIR] [--json]      (every stage output in a cache, the runs using it)
-    eqlen gc [CACHE_DIR] [--keep-last N] [--min-age-hours H] [--dry-run]
-    eqlen server start|status|stop   (the local Prefect server `eqlen run` keeps and reuses)
+eqlen run   [--config FILE] [--run-dir DIR] [--iterations N] [--set KEY=VALUE ...] [--force]
+eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]
+            [--input LABEL=PATH ...] [--config FILE]
+eqlen show  DIR [--json]
+eqlen plot  DIR [--out PNG]
+eqlen experiment [--out DIR] [--methods a,b] [--seeds 0,1,2] [--set KEY=VALUE ...]
+eqlen config            (every config key with its type, default and meaning)
+eqlen datasets [CACHE_DIR] [--json]      (every stage output in a cache, the runs using it)
+eqlen gc [CACHE_DIR] [--keep-last N] [--min-age-hours H] [--dry-run]
+eqlen server start|status|stop   (the local Prefect server `eqlen run` keeps and reuses)
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def _quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -43,6 +44,7 @@ def _runtime() -> None:
     """Quiet HF progress bars and size torch's thread pool, before any stage runs."""
     _quiet_hf()
     import torch
+
     # One core is left to Prefect's API client and server: with every core given to
     # torch's OpenMP pool, the pool's spin-waits fight them and a stage runs ~20x slower
     # (measured on 2 cores: update 8.3 s vs 0.24 s).
@@ -51,8 +53,9 @@ def _runtime() -> None:
 
 
 def cmd_run(args) -> int:
-    from pipeline import config
     from flows import report, runner
+    from pipeline import config
+
     runner.load_stages()  # so the config's registry choices (strategy, ...) are checked
     cfg = config.load(args.config, args.set)
     if args.iterations is not None:
@@ -60,52 +63,72 @@ def cmd_run(args) -> int:
     run_dir = Path(args.run_dir).resolve()
     # Inputs that need no model are checked before Prefect starts: seconds, not 20 s.
     from flows import preflight
+
     preflight.check(cfg, run_dir)
     _prefect_env()
     from flows.server import ForRun
+
     api = ForRun().begin()  # reuses or starts the server; waited for in api.ready()
     _runtime()
     from flows.online import online
-    report.console.print(f"EqLen run -> {run_dir}  ({cfg.iterations} iterations, strategy "
-                         f"{cfg.pair.strategy}, {cfg.update.algorithm}/{cfg.update.loss_agg})")
+
+    report.console.print(
+        f"EqLen run -> {run_dir}  ({cfg.iterations} iterations, strategy "
+        f"{cfg.pair.strategy}, {cfg.update.algorithm}/{cfg.update.loss_agg})"
+    )
     report.console.print(api.ready())
     t0 = time.perf_counter()
     with api.settings():
         online(config.to_dict(cfg), str(run_dir), force=args.force)
     report.print_summary(run_dir)
-    report.console.print(f"done in {time.perf_counter() - t0:.1f}s; inspect with "
-                         f"`eqlen show {run_dir}`")
+    report.console.print(
+        f"done in {time.perf_counter() - t0:.1f}s; inspect with `eqlen show {run_dir}`"
+    )
     return 0
 
 
 def cmd_server(args) -> int:
     """eqlen server start|status|stop: the kept Prefect server of flows/server.py."""
     from flows import server
+
     _prefect_env()
     d = server.home()
     if args.action == "start":
         h = server.ensure(d, port=args.port, idle_minutes=args.idle_minutes)
         info = h.wait()
-        print(f"eqlen server {'started' if h.started_now else 'already running'}: "
-              f"{info.describe()}")
+        print(
+            f"eqlen server {'started' if h.started_now else 'already running'}: {info.describe()}"
+        )
         if os.environ.get("PREFECT_API_URL") and os.environ["PREFECT_API_URL"] != info.url:
-            print(f"note: PREFECT_API_URL={os.environ['PREFECT_API_URL']} is set, so `eqlen "
-                  "run` uses that, not this server")
+            print(
+                f"note: PREFECT_API_URL={os.environ['PREFECT_API_URL']} is set, so `eqlen "
+                "run` uses that, not this server"
+            )
         return 0
     if args.action == "status":
         info, ok = server.status(d)
         if args.json:
             import json
             from dataclasses import asdict
-            print(json.dumps({"running": info is not None, "healthy": ok,
-                              **(asdict(info) if info else {"home": str(d)})}))
+
+            print(
+                json.dumps(
+                    {
+                        "running": info is not None,
+                        "healthy": ok,
+                        **(asdict(info) if info else {"home": str(d)}),
+                    }
+                )
+            )
         elif info is None:
             print(f"no eqlen Prefect server running (PREFECT_HOME {d})")
         else:
             print(f"eqlen server {'running' if ok else 'NOT ANSWERING'}: {info.describe()}")
         if not args.json and (extra := server.unrecorded(d)):
-            print(f"unrecorded eqlen server process(es): pid {', '.join(map(str, extra))}; "
-                  "`eqlen server stop` stops them")
+            print(
+                f"unrecorded eqlen server process(es): pid {', '.join(map(str, extra))}; "
+                "`eqlen server stop` stops them"
+            )
         return 0 if info is not None and ok else 1
     pids = server.stop(d)
     if pids:
@@ -117,19 +140,22 @@ def cmd_server(args) -> int:
 
 def _inputs(pairs: list[str]) -> dict[str, str]:
     from flows.runner import RunError
+
     out = {}
     for text in pairs:
         label, sep, path = text.partition("=")
         if not sep or not label or not path:
-            raise RunError(f"--input expects LABEL=PATH (e.g. units=runs/a/cache/pair/KEY), "
-                           f"got {text!r}")
+            raise RunError(
+                f"--input expects LABEL=PATH (e.g. units=runs/a/cache/pair/KEY), got {text!r}"
+            )
         out[label.strip()] = path
     return out
 
 
 def cmd_stage(args) -> int:
-    from pipeline import cache, config
     from flows import report, runner
+    from pipeline import cache, config
+
     run_dir = Path(args.run_dir).resolve()
     rec = runner.RunRecord(run_dir)
     # A new run directory (e.g. to train on another run's units, --input) starts from the
@@ -140,11 +166,11 @@ def cmd_stage(args) -> int:
     cache.sweep(runner.cache_root(cfg, run_dir))  # leftovers of killed writers
     inputs = runner.resolve_inputs(args.name, cfg, run_dir, args.iteration, _inputs(args.input))
     from flows import preflight
+
     preflight.check(cfg, run_dir, stage=args.name, inputs=inputs)
     _runtime()
     try:
-        res = runner.run_stage(args.name, cfg, run_dir, args.iteration, inputs,
-                               force=args.force)
+        res = runner.run_stage(args.name, cfg, run_dir, args.iteration, inputs, force=args.force)
     except Exception as e:
         if preflight.is_out_of_memory(e):
             raise preflight.out_of_memory(args.name, e, cfg) from None
@@ -152,21 +178,29 @@ def cmd_stage(args) -> int:
     if fresh:
         rec.start(cfg, args.iteration + 1)  # so later `eqlen stage` commands know the config
     state = "served from cache" if res.cached else f"ran in {res.seconds:.1f}s"
-    report.console.print(f"{args.name} (iteration {args.iteration}) {state}: {res.rows} rows -> "
-                         f"{res.path}")
+    report.console.print(
+        f"{args.name} (iteration {args.iteration}) {state}: {res.rows} rows -> {res.path}"
+    )
     # An offline rerun changes the lineage: say which recorded stages now descend from an
     # output that is no longer the recorded one.
-    stale = [f"{name} it{i}" for i, flags in enumerate(rec.stale())
-             for name, flag in flags.items() if flag]
+    stale = [
+        f"{name} it{i}"
+        for i, flags in enumerate(rec.stale())
+        for name, flag in flags.items()
+        if flag
+    ]
     if stale:
-        report.console.print(f"now stale (computed from the previous output): "
-                             f"{', '.join(stale)}; `eqlen stage NAME --run-dir {run_dir} "
-                             "--iteration I` recomputes one, `eqlen run` the whole chain")
+        report.console.print(
+            f"now stale (computed from the previous output): "
+            f"{', '.join(stale)}; `eqlen stage NAME --run-dir {run_dir} "
+            "--iteration I` recomputes one, `eqlen run` the whole chain"
+        )
     return 0
 
 
 def cmd_show(args) -> int:
     from flows import report
+
     report.print_show(args.dir, args.json)
     return 0
 
@@ -175,40 +209,55 @@ def cmd_datasets(args) -> int:
     import json
     from dataclasses import asdict
 
-    from flows import catalog
-    from flows import report
+    from flows import catalog, report
+
     rows = catalog.datasets(args.cache_dir)
     if args.json:
         print(json.dumps([asdict(d) for d in rows], indent=2))
         return 0
     from rich.table import Table
+
     t = Table(title=f"datasets in {Path(args.cache_dir).resolve()}")
     for col in ("stage", "implementation", "key", "it", "rows", "created", "size", "runs"):
         t.add_column(col)
     for d in rows:
-        t.add_row(d.stage + ("" if d.present else " (damaged)"), d.implementation, d.key,
-                  "-" if d.iteration is None else str(d.iteration),
-                  "-" if d.rows is None else f"{d.rows:,}", d.created[:19],
-                  f"{d.bytes / 1e6:.1f} MB", ", ".join(Path(r).name for r in d.runs) or "-")
+        t.add_row(
+            d.stage + ("" if d.present else " (damaged)"),
+            d.implementation,
+            d.key,
+            "-" if d.iteration is None else str(d.iteration),
+            "-" if d.rows is None else f"{d.rows:,}",
+            d.created[:19],
+            f"{d.bytes / 1e6:.1f} MB",
+            ", ".join(Path(r).name for r in d.runs) or "-",
+        )
     report.console.print(t)
     return 0
 
 
 def cmd_gc(args) -> int:
     from flows import catalog
-    res = catalog.gc(args.cache_dir, keep_last=args.keep_last,
-                     min_age_hours=args.min_age_hours, dry_run=args.dry_run)
+
+    res = catalog.gc(
+        args.cache_dir,
+        keep_last=args.keep_last,
+        min_age_hours=args.min_age_hours,
+        dry_run=args.dry_run,
+    )
     verb = "would remove" if args.dry_run else "removed"
     for p in res.removed:
         print(f"{verb} {p}")
-    print(f"{verb} {len(res.removed)} outputs, {res.freed_bytes / 1e6:.1f} MB; kept "
-          f"{res.kept_in_use} in use by a run, {res.kept_young} younger than "
-          f"{args.min_age_hours} h, {res.kept_locked} being written")
+    print(
+        f"{verb} {len(res.removed)} outputs, {res.freed_bytes / 1e6:.1f} MB; kept "
+        f"{res.kept_in_use} in use by a run, {res.kept_young} younger than "
+        f"{args.min_age_hours} h, {res.kept_locked} being written"
+    )
     return 0
 
 
 def cmd_plot(args) -> int:
     from flows.plot import plot_run
+
     print(plot_run(args.dir, args.out))
     return 0
 
@@ -216,18 +265,19 @@ def cmd_plot(args) -> int:
 def cmd_experiment(args) -> int:
     from flows.experiment import METHODS, run_experiment
     from flows.runner import load_stages
+
     load_stages()
     _runtime()
     methods = args.methods.split(",") if args.methods else list(METHODS)
     seeds = [int(x) for x in args.seeds.split(",")]
-    run_experiment(args.out, methods=methods, seeds=seeds, base=args.set,
-                   config_file=args.config)
+    run_experiment(args.out, methods=methods, seeds=seeds, base=args.set, config_file=args.config)
     return 0
 
 
 def cmd_config(args) -> int:
-    from pipeline.config import describe
     from flows.runner import load_stages
+    from pipeline.config import describe
+
     load_stages()
     for key, tp, default, help_ in describe():
         print(f"{key} ({tp}, default {default}): {help_}")
@@ -242,8 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML config file")
     r.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
     r.add_argument("--iterations", type=int, help="online iterations (config key iterations)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set generate.rounds=4")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set generate.rounds=4",
+    )
     r.add_argument("--force", action="store_true", help="rerun every stage, ignoring the cache")
     r.set_defaults(fn=cmd_run)
 
@@ -253,9 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iteration", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--force", action="store_true", help="rerun even if cached")
-    s.add_argument("--input", action="append", default=[], metavar="LABEL=PATH",
-                   help="take input LABEL (rollouts, scored, units, prompts, policy, reference) "
-                        "from a dataset folder anywhere, e.g. another run's units")
+    s.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="take input LABEL (rollouts, scored, units, prompts, policy, reference) "
+        "from a dataset folder anywhere, e.g. another run's units",
+    )
     s.add_argument("--config", help="YAML config file, for a run directory with no record yet")
     s.set_defaults(fn=cmd_stage)
 
@@ -278,32 +338,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_experiment)
 
     ds = sub.add_parser("datasets", help="every stage output in a cache, with the runs using it")
-    ds.add_argument("cache_dir", nargs="?", default="runs/demo/cache",
-                    help="a cache folder (RUN_DIR/cache or a shared cache_dir)")
+    ds.add_argument(
+        "cache_dir",
+        nargs="?",
+        default="runs/demo/cache",
+        help="a cache folder (RUN_DIR/cache or a shared cache_dir)",
+    )
     ds.add_argument("--json", action="store_true", help="a JSON list, one object per output")
     ds.set_defaults(fn=cmd_datasets)
 
     g = sub.add_parser("gc", help="remove cache outputs no run references")
     g.add_argument("cache_dir", nargs="?", default="runs/demo/cache")
-    g.add_argument("--keep-last", type=int, default=None, metavar="N",
-                   help="also remove each run's policy checkpoints older than its last N")
-    g.add_argument("--min-age-hours", type=float, default=1.0,
-                   help="keep outputs younger than this (a running run may not have recorded "
-                        "them yet; default 1)")
+    g.add_argument(
+        "--keep-last",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also remove each run's policy checkpoints older than its last N",
+    )
+    g.add_argument(
+        "--min-age-hours",
+        type=float,
+        default=1.0,
+        help="keep outputs younger than this (a running run may not have recorded "
+        "them yet; default 1)",
+    )
     g.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     g.set_defaults(fn=cmd_gc)
 
     c = sub.add_parser("config", help="list every config key")
     c.set_defaults(fn=cmd_config)
 
-    sv = sub.add_parser("server", help="the local Prefect server that `eqlen run` keeps and "
-                        "reuses (when PREFECT_API_URL is not set): start, status or stop")
+    sv = sub.add_parser(
+        "server",
+        help="the local Prefect server that `eqlen run` keeps and "
+        "reuses (when PREFECT_API_URL is not set): start, status or stop",
+    )
     sv.add_argument("action", choices=("start", "status", "stop"))
-    sv.add_argument("--port", type=int, default=0,
-                    help="start: port on 127.0.0.1 (default: a free one)")
-    sv.add_argument("--idle-minutes", type=float, default=None,
-                    help="start: stop after this long with no request (default "
-                         "EQLEN_SERVER_IDLE_MINUTES or 60; 0 = never)")
+    sv.add_argument(
+        "--port", type=int, default=0, help="start: port on 127.0.0.1 (default: a free one)"
+    )
+    sv.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=None,
+        help="start: stop after this long with no request (default "
+        "EQLEN_SERVER_IDLE_MINUTES or 60; 0 = never)",
+    )
     sv.add_argument("--json", action="store_true", help="status: one JSON object")
     sv.set_defaults(fn=cmd_server)
     return p

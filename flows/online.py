@@ -31,8 +31,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from pipeline import config as config_mod
 from flows import preflight, report, runner
+from pipeline import config as config_mod
 from pipeline.errors import EqLenError
 
 
@@ -43,8 +43,11 @@ class _QuietUserErrors(logging.Filter):
     failed = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.failed and record.levelno >= logging.ERROR
-                    and record.name.startswith(("prefect.task_runs", "prefect.flow_runs")))
+        return not (
+            self.failed
+            and record.levelno >= logging.ERROR
+            and record.name.startswith(("prefect.task_runs", "prefect.flow_runs"))
+        )
 
 
 _QUIET = _QuietUserErrors()
@@ -64,8 +67,9 @@ def _user_failure(e: EqLenError) -> State:
     return Failed(message=str(e), data=e)
 
 
-def _stage(name: str, cfg_data: dict, run_dir: str, iteration: int, inputs: dict,
-           force: bool) -> runner.StageResult:
+def _stage(
+    name: str, cfg_data: dict, run_dir: str, iteration: int, inputs: dict, force: bool
+) -> runner.StageResult:
     cfg = config_mod.load(base=cfg_data)
     try:
         res = runner.run_stage(name, cfg, run_dir, iteration, inputs, force=force)
@@ -76,13 +80,15 @@ def _stage(name: str, cfg_data: dict, run_dir: str, iteration: int, inputs: dict
             return _user_failure(preflight.out_of_memory(name, e, cfg))
         raise
     if res.cached:
-        return Completed(data=res, name="Cached",
-                         message=f"served from cache {res.key} ({res.path})")
+        return Completed(
+            data=res, name="Cached", message=f"served from cache {res.key} ({res.path})"
+        )
     return res
 
 
-def _as_task(name: str, cfg: config_mod.Config, run_dir: Path, iteration: int, refs: dict,
-             force: bool) -> runner.StageResult:
+def _as_task(
+    name: str, cfg: config_mod.Config, run_dir: Path, iteration: int, refs: dict, force: bool
+) -> runner.StageResult:
     """Run one stage as a Prefect task run named `<stage>-it<i>` (plus ` (cached)`)."""
     cached = not force and runner.is_cached(name, cfg, run_dir, iteration, refs)
     label = f"{name}-it{iteration}" + (" (cached)" if cached else "")
@@ -97,8 +103,9 @@ def online(cfg_data: dict, run_dir: str, force: bool = False) -> list[dict]:
     _install_quiet_filter()
     try:
         cfg = config_mod.load(base=cfg_data)
-        history = runner.online(cfg, run_dir, force=force, call=_as_task,
-                                on_iteration=report.iteration_line)
+        history = runner.online(
+            cfg, run_dir, force=force, call=_as_task, on_iteration=report.iteration_line
+        )
     except EqLenError as e:  # from a task (its Failed state re-raised) or the loop itself
         return _user_failure(e)
     return [{k: v.__dict__ for k, v in it.items()} for it in history]

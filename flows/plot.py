@@ -10,6 +10,7 @@ from flows.report import row_of, show_data
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -21,16 +22,22 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax1.set(xlabel="iteration", ylabel="mean reward (round-0 tracks)", title="reward")
     ax1.grid(alpha=0.3)
     for key, label in (("len_correct", "correct"), ("len_incorrect", "incorrect")):
-        ax2.plot(xs, [r[key] if r[key] is not None else float("nan") for r in rows], marker="o",
-                 label=label)
+        ax2.plot(
+            xs,
+            [r[key] if r[key] is not None else float("nan") for r in rows],
+            marker="o",
+            label=label,
+        )
     ax2.set(xlabel="iteration", ylabel="mean response length (tokens)", title="lengths")
     ax2.legend()
     ax2.grid(alpha=0.3)
-    ax3.plot(xs, [r["len_gap"] if r["len_gap"] is not None else float("nan") for r in rows],
-             marker="o")
+    ax3.plot(
+        xs, [r["len_gap"] if r["len_gap"] is not None else float("nan") for r in rows], marker="o"
+    )
     ax3.axhline(0, color="grey", lw=0.8)
-    ax3.set(xlabel="iteration", ylabel="tokens",
-            title="length gap within prompts (incorrect - correct)")
+    ax3.set(
+        xlabel="iteration", ylabel="tokens", title="length gap within prompts (incorrect - correct)"
+    )
     ax3.grid(alpha=0.3)
     fig.suptitle(Path(data["run_dir"]).name)
     fig.tight_layout()

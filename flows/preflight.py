@@ -49,8 +49,9 @@ class OutOfMemory(EqLenError, RuntimeError):
 SPECIAL_TOKEN_SLACK = 8
 
 
-def check(cfg: Config, run_dir: str | Path, *, stage: str | None = None,
-          inputs: dict | None = None) -> None:
+def check(
+    cfg: Config, run_dir: str | Path, *, stage: str | None = None, inputs: dict | None = None
+) -> None:
     """Raise an EqLenError for the first problem found; return None when all is well."""
     run_dir = Path(run_dir).expanduser().resolve()
     writable_dir(run_dir, "--run-dir (the run directory)")
@@ -64,12 +65,14 @@ def check(cfg: Config, run_dir: str | Path, *, stage: str | None = None,
         import pyarrow.parquet as pq
 
         from pipeline import models
+
         policy = Path(inputs["policy"].path)
         config = models.check_folder(policy, what="the recorded policy")
         prompts_file = Path(inputs["prompts"].path) / "prompts.parquet"
         check_lengths(cfg, config, policy, pq.read_table(prompts_file, columns=["prompt"]))
     elif stage == "score":
         from stages import score
+
         score.column_names(list(cfg.score.reward_funcs))
         for name in cfg.score.reward_funcs:
             score.resolve(name)
@@ -80,8 +83,7 @@ def _check_run(cfg: Config) -> None:
     from stages import score
 
     if cfg.model == "demo":
-        # pipeline.demo.demo_model_dir(), without importing transformers (2-3 s) for a path
-        model = Path(__file__).resolve().parent / "demo_assets" / "model"
+        model = models.DEMO_MODEL_DIR  # no transformers import (2-3 s) for a path
     else:
         model = Path(cfg.model).expanduser()
     config = models.check_folder(model)
@@ -100,23 +102,28 @@ def _check_run(cfg: Config) -> None:
 def writable_dir(path: Path, what: str) -> None:
     """`path` is a folder this user can write to, or can be created as one."""
     if path.exists() and not path.is_dir():
-        raise PreflightError(f"{what}: {path} is a file, not a folder. Give a folder path "
-                             "(it is created if missing).")
+        raise PreflightError(
+            f"{what}: {path} is a file, not a folder. Give a folder path "
+            "(it is created if missing)."
+        )
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise PreflightError(f"{what}: {path} cannot be created: {probe} is a file. Give "
-                             "another path.")
+        raise PreflightError(
+            f"{what}: {path} cannot be created: {probe} is a file. Give another path."
+        )
     try:
         fd, tmp = tempfile.mkstemp(prefix=".eqlen-write-check-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         made = "" if probe == path else f" (to create {path})"
-        raise PreflightError(f"{what}: cannot write in {probe}{made}: "
-                             f"{e.strerror or e}. Make it writable, or give another "
-                             "folder.") from None
+        raise PreflightError(
+            f"{what}: cannot write in {probe}{made}: "
+            f"{e.strerror or e}. Make it writable, or give another "
+            "folder."
+        ) from None
 
 
 def check_lengths(cfg: Config, model_config: dict, model: Path, prompts=None) -> None:
@@ -131,27 +138,35 @@ def check_lengths(cfg: Config, model_config: dict, model: Path, prompts=None) ->
     g = cfg.generate
     where = f"the model's {key}={limit} ({Path(model) / 'config.json'})"
     if g.max_new_tokens >= limit:
-        raise PreflightError(f"generate.max_new_tokens={g.max_new_tokens} does not fit "
-                             f"{where}, which must hold the prompt and the response. Lower "
-                             f"generate.max_new_tokens below {limit}.")
+        raise PreflightError(
+            f"generate.max_new_tokens={g.max_new_tokens} does not fit "
+            f"{where}, which must hold the prompt and the response. Lower "
+            f"generate.max_new_tokens below {limit}."
+        )
     if g.engine == "vllm" and g.vllm_max_model_len > limit:
-        raise PreflightError(f"generate.vllm_max_model_len={g.vllm_max_model_len} exceeds "
-                             f"{where}. Lower it, or set 0 (automatic).")
+        raise PreflightError(
+            f"generate.vllm_max_model_len={g.vllm_max_model_len} exceeds "
+            f"{where}. Lower it, or set 0 (automatic)."
+        )
     if prompts is None:
         return
     import pyarrow.compute as pc
+
     longest_bytes = pc.max(pc.binary_length(prompts.column("prompt"))).as_py() or 0
     prompt = min(cfg.data.max_prompt_tokens, longest_bytes + SPECIAL_TOKEN_SLACK)
     if prompt + g.max_new_tokens > limit:
-        why = (f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
-               if prompt == cfg.data.max_prompt_tokens
-               else f"at most one per byte of the longest prompt, {longest_bytes} bytes, "
-                    f"plus {SPECIAL_TOKEN_SLACK} special")
+        why = (
+            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
+            if prompt == cfg.data.max_prompt_tokens
+            else f"at most one per byte of the longest prompt, {longest_bytes} bytes, "
+            f"plus {SPECIAL_TOKEN_SLACK} special"
+        )
         raise PreflightError(
             f"prompts of up to {prompt} tokens ({why}) plus generate.max_new_tokens="
             f"{g.max_new_tokens} need {prompt + g.max_new_tokens} positions, more than "
             f"{where}. Lower generate.max_new_tokens to {limit - prompt} or less, or "
-            "data.max_prompt_tokens.")
+            "data.max_prompt_tokens."
+        )
 
 
 # Settings that bound each stage's memory, named in the out-of-memory error.
@@ -188,4 +203,5 @@ def out_of_memory(stage: str, exc: BaseException, cfg: Config | None = None) -> 
     return OutOfMemory(
         f"stage {stage} ran out of memory ({type(exc).__name__}"
         f"{': ' + first if first else ''}). Lower {' or '.join(now(k) for k in knobs)}{extra}, "
-        "and run again: the stages that finished are served from the cache.")
+        "and run again: the stages that finished are served from the cache."
+    )

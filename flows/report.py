@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import cache
 from flows.runner import STAGE_NAMES, RunError, RunRecord
+from pipeline import cache
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -26,8 +26,10 @@ def show_data(run_dir: str | Path) -> dict:
     that could not be removed (in use by a live writer, or undeletable)."""
     rec = RunRecord(run_dir)
     if not rec.path.is_file():
-        raise RunError(f"{rec.run_dir} is not a run directory (no run.json); start one with "
-                       f"`eqlen run --run-dir {rec.run_dir}`")
+        raise RunError(
+            f"{rec.run_dir} is not a run directory (no run.json); start one with "
+            f"`eqlen run --run-dir {rec.run_dir}`"
+        )
     entries, stale = rec.entries(), rec.stale()
     out = {"run_dir": str(rec.run_dir), "iterations": [], "leftovers": []}
     roots = set()
@@ -40,7 +42,9 @@ def show_data(run_dir: str | Path) -> dict:
             roots.add(Path(e["path"]).parent.parent)
             manifest = cache.lookup(Path(e["path"]))
             stages[name] = {
-                "key": e["key"], "path": e["path"], "cached": e["cached"],
+                "key": e["key"],
+                "path": e["path"],
+                "cached": e["cached"],
                 "rows": manifest["rows"] if manifest else None,
                 "metrics": manifest["metrics"] if manifest else {},
                 "seconds": e["seconds"],
@@ -56,40 +60,56 @@ def show_data(run_dir: str | Path) -> dict:
 def row_of(stages: dict) -> dict:
     def m(stage, key):
         return (stages.get(stage) or {}).get("metrics", {}).get(key)
+
     return {
-        "reward": m("score", "reward_mean"), "accuracy": m("score", "accuracy"),
+        "reward": m("score", "reward_mean"),
+        "accuracy": m("score", "accuracy"),
         "len_correct": m("score", "mean_len_correct"),
         "len_incorrect": m("score", "mean_len_incorrect"),
         "len_gap": m("score", "len_gap"),
-        "units": m("pair", "units"), "eff": m("pair", "effective_token_ratio"),
+        "units": m("pair", "units"),
+        "eff": m("pair", "effective_token_ratio"),
         "seconds": sum((s.get("seconds") or 0.0) for s in stages.values()),
         "cached": sum(bool(s.get("cached")) for s in stages.values()),
     }
 
 
 def iteration_line(i: int, results: dict) -> None:
-    stages = {k: {"metrics": v.metrics, "seconds": v.seconds, "cached": v.cached}
-              for k, v in results.items()}
+    stages = {
+        k: {"metrics": v.metrics, "seconds": v.seconds, "cached": v.cached}
+        for k, v in results.items()
+    }
     r = row_of(stages)
-    console.print(f"[bold]it {i}[/]  reward {_fmt(r['reward'])}  "
-                  f"len ok {_fmt(r['len_correct'], '.2f')}  "
-                  f"len bad {_fmt(r['len_incorrect'], '.2f')}  "
-                  f"{r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}")
+    console.print(
+        f"[bold]it {i}[/]  reward {_fmt(r['reward'])}  "
+        f"len ok {_fmt(r['len_correct'], '.2f')}  "
+        f"len bad {_fmt(r['len_incorrect'], '.2f')}  "
+        f"{r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}"
+    )
 
 
 def print_summary(run_dir: str | Path) -> None:
     data = show_data(run_dir)
-    t = Table(title=f"EqLen run {data['run_dir']}",
-              caption="reward: mean over round-0 tracks; len ok / len bad: mean response length "
-                      "(tokens) of correct / incorrect responses; eff: effective token ratio")
+    t = Table(
+        title=f"EqLen run {data['run_dir']}",
+        caption="reward: mean over round-0 tracks; len ok / len bad: mean response length "
+        "(tokens) of correct / incorrect responses; eff: effective token ratio",
+    )
     for col in ("iter", "reward", "acc", "len ok", "len bad", "units", "eff", "sec", "cached"):
         t.add_column(col, justify="right")
     for it in data["iterations"]:
         r = row_of(it["stages"])
-        t.add_row(str(it["index"]), _fmt(r["reward"]), _fmt(r["accuracy"]),
-                  _fmt(r["len_correct"], ".2f"), _fmt(r["len_incorrect"], ".2f"),
-                  _fmt(r["units"], "d"), _fmt(r["eff"]), f"{r['seconds']:.1f}",
-                  f"{r['cached']}/{len(it['stages'])}")
+        t.add_row(
+            str(it["index"]),
+            _fmt(r["reward"]),
+            _fmt(r["accuracy"]),
+            _fmt(r["len_correct"], ".2f"),
+            _fmt(r["len_incorrect"], ".2f"),
+            _fmt(r["units"], "d"),
+            _fmt(r["eff"]),
+            f"{r['seconds']:.1f}",
+            f"{r['cached']}/{len(it['stages'])}",
+        )
     console.print(t)
 
 
@@ -105,10 +125,13 @@ def print_show(run_dir: str | Path, as_json: bool) -> None:
             if not s["present"]:
                 state = "MISSING (rerun it)"
             if s["stale"]:
-                state += f"  STALE (an upstream stage was rerun: `eqlen stage {name} --run-dir " \
-                         f"{data['run_dir']} --iteration {it['index']}` recomputes it)"
-            console.print(f"  it{it['index']} {name:<8} {s['key']}  rows {s['rows']}  {state}  "
-                          f"{s['path']}")
+                state += (
+                    f"  STALE (an upstream stage was rerun: `eqlen stage {name} --run-dir "
+                    f"{data['run_dir']} --iteration {it['index']}` recomputes it)"
+                )
+            console.print(
+                f"  it{it['index']} {name:<8} {s['key']}  rows {s['rows']}  {state}  {s['path']}"
+            )
     for p in data["leftovers"]:
         console.print(f"  leftover temporary folder (a live writer's, or not removable): {p}")
 
@@ -121,8 +144,11 @@ def machine() -> str:
 
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
+        name = next(
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores"

@@ -23,9 +23,10 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -79,6 +80,7 @@ def producer(label: str, stage: str, iteration: int) -> tuple[str, int] | None:
 @dataclass
 class Ref:
     """A stage input: a folder and the digest that stands for its content."""
+
     path: str
     digest: str
 
@@ -116,15 +118,16 @@ class Context:
     """What a stage may know besides its inputs and config. `iteration` is readable only by
     stages that declare `uses_iteration` (it is then in their key)."""
 
-    def __init__(self, iteration: int | None, log: Callable[[str], None] = print,
-                 stage: str = ""):
+    def __init__(self, iteration: int | None, log: Callable[[str], None] = print, stage: str = ""):
         self._iteration, self.log, self.stage = iteration, log, stage
 
     @property
     def iteration(self) -> int:
         if self._iteration is None:
-            raise UndeclaredRead(f"stage {self.stage!r} read ctx.iteration without declaring "
-                                 "uses_iteration=True in its STAGE, so its key leaves it out")
+            raise UndeclaredRead(
+                f"stage {self.stage!r} read ctx.iteration without declaring "
+                "uses_iteration=True in its STAGE, so its key leaves it out"
+            )
         return self._iteration
 
 
@@ -145,8 +148,9 @@ def stage_key(name: str, cfg: Config, inputs: dict[str, Ref], iteration: int) ->
     return cache.cache_key(parts), parts
 
 
-def is_cached(name: str, cfg: Config, run_dir: str | Path, iteration: int,
-              inputs: dict[str, Ref]) -> bool:
+def is_cached(
+    name: str, cfg: Config, run_dir: str | Path, iteration: int, inputs: dict[str, Ref]
+) -> bool:
     """Whether run_stage would serve this stage from cache (used to label task runs)."""
     inputs = _select_inputs(stage_spec(name), inputs)
     key, _ = stage_key(name, cfg, inputs, iteration)
@@ -156,19 +160,29 @@ def is_cached(name: str, cfg: Config, run_dir: str | Path, iteration: int,
 def _check_inputs(name: str, iteration: int, inputs: dict[str, Ref]) -> None:
     for label, ref in inputs.items():
         if not Path(ref.path).exists():
-            raise RunError(f"input '{label}' of stage {name} (iteration {iteration}) at "
-                           f"{ref.path} is gone; rerun the stage that wrote it")
+            raise RunError(
+                f"input '{label}' of stage {name} (iteration {iteration}) at "
+                f"{ref.path} is gone; rerun the stage that wrote it"
+            )
         if not cache.input_intact(Path(ref.path)):
             raise RunError(
                 f"input '{label}' of stage {name} (iteration {iteration}) at {ref.path} was "
                 "modified after it was written (its files no longer match its manifest), so "
                 "nothing computed from it can be trusted. Rerun the stage that wrote it with "
-                "--force, or pass an edited copy as a new dataset folder.")
+                "--force, or pass an edited copy as a new dataset folder."
+            )
 
 
-def run_stage(name: str, cfg: Config, run_dir: str | Path, iteration: int,
-              inputs: dict[str, Ref], *, force: bool = False,
-              log: Callable[[str], None] = print) -> StageResult:
+def run_stage(
+    name: str,
+    cfg: Config,
+    run_dir: str | Path,
+    iteration: int,
+    inputs: dict[str, Ref],
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> StageResult:
     """Serve stage `name` from cache or run it, then record it in run.json."""
     run_dir = Path(run_dir).resolve()
     spec = stage_spec(name)
@@ -186,13 +200,23 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, iteration: int,
     manifest, cached = cache.get_or_write(
         folder,
         lambda tmp: spec.run({k: Path(v.path) for k, v in inputs.items()}, tmp, view, ctx),
-        dict(parts, key=key, iteration=iteration,
-             input_paths={k: v.path for k, v in inputs.items()}),
-        force=force)
-    result = StageResult(stage=name, iteration=iteration, key=key, path=str(folder),
-                         cached=cached, rows=manifest["rows"], metrics=manifest["metrics"],
-                         digest=manifest["output_digest"],
-                         seconds=round(time.perf_counter() - t0, 3), inputs=inputs)
+        dict(
+            parts, key=key, iteration=iteration, input_paths={k: v.path for k, v in inputs.items()}
+        ),
+        force=force,
+    )
+    result = StageResult(
+        stage=name,
+        iteration=iteration,
+        key=key,
+        path=str(folder),
+        cached=cached,
+        rows=manifest["rows"],
+        metrics=manifest["metrics"],
+        digest=manifest["output_digest"],
+        seconds=round(time.perf_counter() - t0, 3),
+        inputs=inputs,
+    )
     RunRecord(run_dir).record(result)
     return result
 
@@ -221,18 +245,26 @@ class RunRecord:
             data = json.loads(self.path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunError(self._damaged(f"it is not valid JSON ({e})")) from None
-        if not (isinstance(data, dict) and isinstance(data.get("iterations"), list)
-                and all(isinstance(it, dict) and isinstance(it.get("stages"), dict)
-                        for it in data["iterations"])):
-            raise RunError(self._damaged("it is not a run record (an object with an "
-                                         "'iterations' list)"))
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("iterations"), list)
+            and all(
+                isinstance(it, dict) and isinstance(it.get("stages"), dict)
+                for it in data["iterations"]
+            )
+        ):
+            raise RunError(
+                self._damaged("it is not a run record (an object with an 'iterations' list)")
+            )
         return data
 
     def _damaged(self, why: str) -> str:
-        return (f"{self.path} is damaged: {why}. The stage outputs it pointed to are intact "
-                f"in the cache: `eqlen run --run-dir {self.run_dir}` with the run's config "
-                f"(saved in {self.run_dir / 'config.yaml'}) re-records them from the cache "
-                "without recomputing; it keeps the damaged file as run.json.damaged.")
+        return (
+            f"{self.path} is damaged: {why}. The stage outputs it pointed to are intact "
+            f"in the cache: `eqlen run --run-dir {self.run_dir}` with the run's config "
+            f"(saved in {self.run_dir / 'config.yaml'}) re-records them from the cache "
+            "without recomputing; it keeps the damaged file as run.json.damaged."
+        )
 
     def repair(self) -> bool:
         """Move a damaged run.json aside (for `eqlen run`, which re-records from cache)."""
@@ -271,16 +303,18 @@ class RunRecord:
             data["config"] = to_dict(cfg)
             data["iterations"] = data["iterations"][:iterations]
             self.save(data)
-            cache.atomic_write_text(self.run_dir / "config.yaml",
-                                    yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            cache.atomic_write_text(
+                self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False)
+            )
 
     def record(self, r: StageResult) -> None:
         # The cache learns which runs use it (`eqlen datasets`, `eqlen gc`).
         register_run(Path(r.path).parent.parent, self.run_dir)
         entry = {k: v for k, v in asdict(r).items() if k not in ("stage", "iteration", "metrics")}
         entry["path"] = self.rel(r.path)
-        entry["inputs"] = {k: {"path": self.rel(v.path), "digest": v.digest}
-                           for k, v in r.inputs.items()}
+        entry["inputs"] = {
+            k: {"path": self.rel(v.path), "digest": v.digest} for k, v in r.inputs.items()
+        }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with cache.locked(self.path):
             data = self.load()
@@ -293,8 +327,10 @@ class RunRecord:
     def config(self) -> dict:
         data = self.load()
         if "config" not in data:
-            raise RunError(f"{self.path} has no recorded config: start the run with `eqlen run "
-                           f"--run-dir {self.run_dir}` first")
+            raise RunError(
+                f"{self.path} has no recorded config: start the run with `eqlen run "
+                f"--run-dir {self.run_dir}` first"
+            )
         return data["config"]
 
     def entries(self) -> list[dict[str, dict]]:
@@ -304,8 +340,9 @@ class RunRecord:
             stages = {}
             for name, e in it["stages"].items():
                 e = dict(e, path=self.abs(e["path"]))
-                e["inputs"] = {k: dict(v, path=self.abs(v["path"]))
-                               for k, v in e.get("inputs", {}).items()}
+                e["inputs"] = {
+                    k: dict(v, path=self.abs(v["path"])) for k, v in e.get("inputs", {}).items()
+                }
                 stages[name] = e
             out.append(stages)
         return out
@@ -314,9 +351,11 @@ class RunRecord:
         its = self.entries()
         if iteration < 0 or iteration >= len(its) or stage not in its[iteration]:
             have = [f"{i}:{','.join(s)}" for i, s in enumerate(its)]
-            raise RunError(f"{self.path}: iteration {iteration} has no '{stage}' output "
-                           f"(recorded: {'; '.join(have) or 'nothing'}); run the stages before "
-                           "it first")
+            raise RunError(
+                f"{self.path}: iteration {iteration} has no '{stage}' output "
+                f"(recorded: {'; '.join(have) or 'nothing'}); run the stages before "
+                "it first"
+            )
         return its[iteration][stage]
 
     def stale(self) -> list[dict[str, bool]]:
@@ -371,8 +410,12 @@ def registered_runs(root: Path) -> list[Path]:
 
 
 # Dataset folders by input label: the file a stage reads and its schema (for --input).
-DATASET_FILES = {"prompts": "prompts.parquet", "rollouts": "rollouts.parquet",
-                 "scored": "scored.parquet", "units": "units.parquet"}
+DATASET_FILES = {
+    "prompts": "prompts.parquet",
+    "rollouts": "rollouts.parquet",
+    "scored": "scored.parquet",
+    "units": "units.parquet",
+}
 
 
 def external_input(label: str, path: str | Path) -> Ref:
@@ -386,28 +429,41 @@ def external_input(label: str, path: str | Path) -> Ref:
     if label in DATASET_FILES:
         f = path / DATASET_FILES[label]
         if not f.is_file():
-            raise RunError(f"--input {label}={path}: no {DATASET_FILES[label]} in that folder; "
-                           f"give the folder of a '{label}' dataset (a stage output folder)")
+            raise RunError(
+                f"--input {label}={path}: no {DATASET_FILES[label]} in that folder; "
+                f"give the folder of a '{label}' dataset (a stage output folder)"
+            )
         try:
             table = pq.read_table(f)
         except Exception as e:  # pyarrow raises several types for a non-Parquet file
-            raise RunError(f"--input {label}={path}: {f} is not a readable Parquet file "
-                           f"({type(e).__name__}: {e})") from None
+            raise RunError(
+                f"--input {label}={path}: {f} is not a readable Parquet file "
+                f"({type(e).__name__}: {e})"
+            ) from None
         schemas.validate(table, schemas.ALL[label], f)
     elif label in ("policy", "reference"):
         if not (path / "config.json").is_file():
-            raise RunError(f"--input {label}={path}: not a Hugging Face model folder (no "
-                           "config.json); give a folder written by save_pretrained")
+            raise RunError(
+                f"--input {label}={path}: not a Hugging Face model folder (no "
+                "config.json); give a folder written by save_pretrained"
+            )
     else:
-        raise RunError(f"--input {label}=...: unknown dataset label; valid: "
-                       f"{', '.join([*DATASET_FILES, 'policy', 'reference'])}")
+        raise RunError(
+            f"--input {label}=...: unknown dataset label; valid: "
+            f"{', '.join([*DATASET_FILES, 'policy', 'reference'])}"
+        )
     if not path.is_dir():
         raise RunError(f"--input {label}={path}: not a folder")
     return Ref.of(path)
 
 
-def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int,
-                   given: dict[str, str | Path] | None = None) -> dict[str, Ref]:
+def resolve_inputs(
+    name: str,
+    cfg: Config,
+    run_dir: str | Path,
+    iteration: int,
+    given: dict[str, str | Path] | None = None,
+) -> dict[str, Ref]:
     """Inputs of a stage from the run record: what the offline rerun (`eqlen stage`) uses.
     A label made by another stage comes from that stage's output recorded now; the run's
     own inputs come from what this stage (or another of the iteration) recorded. `given`
@@ -420,8 +476,9 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int,
         raise RunError(f"--iteration {iteration}: iterations are numbered from 0")
     unknown = set(given or {}) - set(spec.inputs)
     if unknown:
-        raise RunError(f"stage {name} has no input {sorted(unknown)}; its inputs: "
-                       f"{', '.join(spec.inputs)}")
+        raise RunError(
+            f"stage {name} has no input {sorted(unknown)}; its inputs: {', '.join(spec.inputs)}"
+        )
     its = rec.entries() if rec.path.is_file() else []
     inputs = {label: external_input(label, p) for label, p in (given or {}).items()}
     for label in spec.inputs:
@@ -432,6 +489,7 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int,
             continue
         if not its and label == "prompts":
             from pipeline.prompts import materialize
+
             inputs[label] = Ref.of(materialize(cfg, cache_root(cfg, rec.run_dir)))
             continue
         src = producer(label, name, iteration)
@@ -441,39 +499,53 @@ def resolve_inputs(name: str, cfg: Config, run_dir: str | Path, iteration: int,
                     f"{rec.run_dir} has no recorded run (no recorded config, no outputs): "
                     f"stage {name} needs its '{label}' input. Give it a dataset folder with "
                     f"--input {label}=PATH, or start the run with `eqlen run --run-dir "
-                    f"{rec.run_dir}`.")
+                    f"{rec.run_dir}`."
+                )
             e = rec.entry(src[1], src[0])
             sub = stage_spec(src[0]).output_sub
-            inputs[label] = Ref(str(Path(e["path"]) / sub) if sub else e["path"],
-                                e["digest"] + (f":{sub}" if sub else ""))
+            inputs[label] = Ref(
+                str(Path(e["path"]) / sub) if sub else e["path"],
+                e["digest"] + (f":{sub}" if sub else ""),
+            )
             continue
         if label == "reference":
             inputs[label] = policy_input(cfg)
             continue
-        recorded = [s["inputs"][label] for s in (its[iteration].values()
-                                                 if iteration < len(its) else [])
-                    if label in s.get("inputs", {})]
+        recorded = [
+            s["inputs"][label]
+            for s in (its[iteration].values() if iteration < len(its) else [])
+            if label in s.get("inputs", {})
+        ]
         if not recorded:
             rec.entry(iteration, "generate")  # raises naming what is recorded
             raise RunError(f"{rec.path}: no recorded '{label}' input at iteration {iteration}")
         inputs[label] = Ref(recorded[0]["path"], recorded[0]["digest"])
     for k, ref in inputs.items():
         if not Path(ref.path).exists():
-            raise RunError(f"input '{k}' of stage {name} (iteration {iteration}) at {ref.path} "
-                           "is gone; rerun the stage that wrote it")
+            raise RunError(
+                f"input '{k}' of stage {name} (iteration {iteration}) at {ref.path} "
+                "is gone; rerun the stage that wrote it"
+            )
     return inputs
 
 
 StageCall = Callable[[str, Config, Path, int, dict, bool], StageResult]
 
 
-def _direct(name: str, cfg: Config, run_dir: Path, iteration: int, refs: dict,
-            force: bool) -> StageResult:
+def _direct(
+    name: str, cfg: Config, run_dir: Path, iteration: int, refs: dict, force: bool
+) -> StageResult:
     return run_stage(name, cfg, run_dir, iteration, refs, force=force)
 
 
-def online(cfg: Config, run_dir: str | Path, *, force: bool = False, call: StageCall = _direct,
-           on_iteration: Callable[[int, dict], None] | None = None) -> list[dict[str, StageResult]]:
+def online(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    call: StageCall = _direct,
+    on_iteration: Callable[[int, dict], None] | None = None,
+) -> list[dict[str, StageResult]]:
     """The online loop: per iteration generate -> score -> pair -> update, then the update's
     model becomes the next iteration's policy (weight sync). `call` runs one stage: directly
     here, as a Prefect task in flows/online.py."""
@@ -517,6 +589,7 @@ def policy_input(cfg: Config) -> Ref:
     """The initial policy: the shipped demo model or a local model folder."""
     if cfg.model == "demo":
         from pipeline.demo import demo_model_dir
+
         return Ref.of(demo_model_dir())
     from pipeline.models import check_folder
 

@@ -57,6 +57,7 @@ class ServerError(EqLenError, RuntimeError):
 
 # ------------------------------------------------------------------ where and what
 
+
 def home() -> Path:
     """The folder of the server's database and state: PREFECT_HOME (default ~/.prefect)."""
     return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser().resolve()
@@ -64,6 +65,7 @@ def home() -> Path:
 
 def prefect_version() -> str:
     from importlib.metadata import version
+
     return version("prefect")
 
 
@@ -71,10 +73,10 @@ def prefect_version() -> str:
 class ServerInfo:
     pid: int
     port: int
-    url: str          # the API URL, http://127.0.0.1:PORT/api
+    url: str  # the API URL, http://127.0.0.1:PORT/api
     home: str
     prefect: str
-    started: float    # epoch seconds
+    started: float  # epoch seconds
     idle_minutes: float
     mode: str = "keep"
 
@@ -83,9 +85,11 @@ class ServerInfo:
         return self.url.removesuffix("/api")
 
     def describe(self) -> str:
-        return (f"pid {self.pid}, API {self.url}, UI {self.ui}, PREFECT_HOME {self.home}, "
-                f"up {_age(time.time() - self.started)}, stops after "
-                + (f"{self.idle_minutes:g} min idle" if self.idle_minutes else "never (no idle stop)"))
+        return (
+            f"pid {self.pid}, API {self.url}, UI {self.ui}, PREFECT_HOME {self.home}, "
+            f"up {_age(time.time() - self.started)}, stops after "
+            + (f"{self.idle_minutes:g} min idle" if self.idle_minutes else "never (no idle stop)")
+        )
 
 
 def _age(s: float) -> str:
@@ -117,6 +121,7 @@ def _remove_state(d: Path, pid: int) -> None:
 @contextlib.contextmanager
 def _locked(d: Path):
     import fcntl
+
     d.mkdir(parents=True, exist_ok=True)
     with open(d / LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if we are killed
@@ -134,8 +139,13 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _is_server(cmd: list[str], d: Path) -> bool:
-    return ("flows.server" in cmd and "serve" in cmd and "--home" in cmd
-            and cmd.index("--home") + 1 < len(cmd) and cmd[cmd.index("--home") + 1] == str(d))
+    return (
+        "flows.server" in cmd
+        and "serve" in cmd
+        and "--home" in cmd
+        and cmd.index("--home") + 1 < len(cmd)
+        and cmd[cmd.index("--home") + 1] == str(d)
+    )
 
 
 def _ours(pid: int, d: Path) -> bool:
@@ -206,6 +216,7 @@ def _alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------ starting
 
+
 def _listen(port: int) -> socket.socket:
     """Bind 127.0.0.1:port (0 = a free port) here, so the port is known before the server
     process starts and no other process can take it in between."""
@@ -215,16 +226,21 @@ def _listen(port: int) -> socket.socket:
         s.bind(("127.0.0.1", port))
     except OSError as e:
         s.close()
-        raise ServerError(f"cannot listen on 127.0.0.1:{port} ({e}); choose another port "
-                          "with --port, or 0 for a free one") from e
+        raise ServerError(
+            f"cannot listen on 127.0.0.1:{port} ({e}); choose another port "
+            "with --port, or 0 for a free one"
+        ) from e
     s.listen(128)
     return s
 
 
 def _server_env(d: Path, port: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "PREFECT__SERVER_EPHEMERAL",
-                        "PREFECT__SERVER_WEBSERVER_ONLY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("PREFECT_API_URL", "PREFECT__SERVER_EPHEMERAL", "PREFECT__SERVER_WEBSERVER_ONLY")
+    }
     env["PREFECT_HOME"] = str(d)
     # The UI finds its API from these (unless PREFECT_UI_API_URL is set).
     env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
@@ -235,30 +251,53 @@ def _server_env(d: Path, port: int) -> dict:
     return env
 
 
-def _spawn(d: Path, port: int, idle_minutes: float, die_with: int | None
-           ) -> tuple[subprocess.Popen, ServerInfo]:
+def _spawn(
+    d: Path, port: int, idle_minutes: float, die_with: int | None
+) -> tuple[subprocess.Popen, ServerInfo]:
     d.mkdir(parents=True, exist_ok=True)
     version = prefect_version()  # before the spawn: the state is written right after it
     sock = _listen(port)
     port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "flows.server", "serve", "--fd", str(sock.fileno()),
-           "--home", str(d), "--idle-minutes", f"{idle_minutes:g}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.server",
+        "serve",
+        "--fd",
+        str(sock.fileno()),
+        "--home",
+        str(d),
+        "--idle-minutes",
+        f"{idle_minutes:g}",
+    ]
     if die_with is not None:
         cmd += ["--die-with", str(die_with)]
     try:
         with open(d / LOG, "ab") as log:
             # Own session: a Ctrl-C in the terminal of the run that started it does not
             # reach a server that other runs share.
-            proc = subprocess.Popen(cmd, env=_server_env(d, port), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    pass_fds=(sock.fileno(),), start_new_session=True,
-                                    cwd=str(Path(__file__).resolve().parents[1]))
+            proc = subprocess.Popen(
+                cmd,
+                env=_server_env(d, port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(sock.fileno(),),
+                start_new_session=True,
+                cwd=str(Path(__file__).resolve().parents[1]),
+            )
     finally:
         sock.close()
-    info = ServerInfo(pid=proc.pid, port=port, url=f"http://127.0.0.1:{port}/api", home=str(d),
-                      prefect=version, started=time.time(),
-                      idle_minutes=0.0 if die_with is not None else idle_minutes,
-                      mode="run" if die_with is not None else "keep")
+    info = ServerInfo(
+        pid=proc.pid,
+        port=port,
+        url=f"http://127.0.0.1:{port}/api",
+        home=str(d),
+        prefect=version,
+        started=time.time(),
+        idle_minutes=0.0 if die_with is not None else idle_minutes,
+        mode="run" if die_with is not None else "keep",
+    )
     return proc, info
 
 
@@ -271,13 +310,15 @@ def _idle_default() -> float:
     try:
         return float(v) if v else DEFAULT_IDLE_MINUTES
     except ValueError:
-        raise ServerError(f"EQLEN_SERVER_IDLE_MINUTES={v!r} is not a number of minutes "
-                          "(0 = never stop)") from None
+        raise ServerError(
+            f"EQLEN_SERVER_IDLE_MINUTES={v!r} is not a number of minutes (0 = never stop)"
+        ) from None
 
 
 @dataclass
 class Handle:
     """A server that is starting or running; `wait()` returns once it answers."""
+
     info: ServerInfo
     started_now: bool
     proc: subprocess.Popen | None = None
@@ -301,7 +342,8 @@ class Handle:
                     f"the Prefect server for eqlen (pid {self.info.pid}, {self.info.url}) {what}; "
                     f"log {Path(self.info.home) / LOG}:\n{tail}\nSet PREFECT_API_URL to a "
                     "server of your own, or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
-                    "on a slow machine.")
+                    "on a slow machine."
+                )
             time.sleep(0.1)
 
 
@@ -314,8 +356,10 @@ def ensure(d: Path | None = None, port: int = 0, idle_minutes: float | None = No
         if info is not None and _ours(info.pid, d):
             if info.prefect == prefect_version():
                 if port not in (0, info.port):
-                    raise ServerError(f"eqlen's server already runs on port {info.port} "
-                                      f"(pid {info.pid}); `eqlen server stop` first to move it")
+                    raise ServerError(
+                        f"eqlen's server already runs on port {info.port} "
+                        f"(pid {info.pid}); `eqlen server stop` first to move it"
+                    )
                 if healthy(info.url, timeout=2.0):
                     return Handle(info, started_now=False)
                 if time.time() - info.started < _startup_timeout():
@@ -333,6 +377,7 @@ def ensure(d: Path | None = None, port: int = 0, idle_minutes: float | None = No
 def start_for_this_run(d: Path | None = None) -> Handle:
     """A server that lives only as long as this process (even if it is SIGKILLed)."""
     import atexit
+
     d = d or home()
     proc, info = _spawn(d, 0, 0.0, die_with=os.getpid())
 
@@ -344,6 +389,7 @@ def start_for_this_run(d: Path | None = None) -> Handle:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
     atexit.register(stop)
     return Handle(info, started_now=True, proc=proc)
 
@@ -379,17 +425,22 @@ def unrecorded(d: Path | None = None) -> list[int]:
     between spawn and record); `stop` and the next `ensure` end them."""
     d = d or home()
     info = read_state(d)
-    return [p for p in _servers_of(d) if info is None or p != info.pid] \
-        if Path("/proc").is_dir() else []
+    return (
+        [p for p in _servers_of(d) if info is None or p != info.pid]
+        if Path("/proc").is_dir()
+        else []
+    )
 
 
 # ------------------------------------------------------------------ for `eqlen run`
+
 
 def configured_api_url() -> str | None:
     """The API URL the user configured: environment, active Prefect profile, prefect.toml."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     from prefect.settings import get_current_settings
+
     return get_current_settings().api.url
 
 
@@ -417,6 +468,7 @@ class ForRun:
         # process then talks to our server, and Prefect never starts a temporary one.
         os.environ["PREFECT_API_URL"] = self.handle.info.url
         import prefect.context
+
         prefect.context.refresh_global_settings_context()
         return self
 
@@ -428,8 +480,10 @@ class ForRun:
         if info.mode == "run":
             return f"Prefect API: {info.url} (a server for this run only)"
         how = "started" if self.handle.started_now else "reused"
-        return (f"Prefect API: {info.url} ({how} eqlen's kept server, pid {info.pid}, UI "
-                f"{info.ui}; `eqlen server stop` stops it)")
+        return (
+            f"Prefect API: {info.url} ({how} eqlen's kept server, pid {info.pid}, UI "
+            f"{info.ui}; `eqlen server stop` stops it)"
+        )
 
     @contextlib.contextmanager
     def settings(self):
@@ -440,11 +494,13 @@ class ForRun:
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
             temporary_settings,
         )
+
         with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
 
 
 # ------------------------------------------------------------------ the server process
+
 
 class _Activity:
     """ASGI wrapper that counts open requests/connections and the time of the last one."""
@@ -471,9 +527,9 @@ def _die_with(parent: int) -> bool:
     ok = False
     with contextlib.suppress(Exception):
         import ctypes
+
         PR_SET_PDEATHSIG = 1
-        ok = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL,
-                                                     0, 0, 0) == 0
+        ok = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
     if os.getppid() != parent:
         os._exit(0)
     return ok
@@ -488,6 +544,7 @@ def serve(fd: int, d: Path, idle_minutes: float, die_with: int | None) -> None:
                 if os.getppid() != die_with:
                     os._exit(0)
                 time.sleep(1)
+
         threading.Thread(target=watch_parent, daemon=True).start()
     sock = socket.socket(fileno=fd)
     import uvicorn
@@ -495,8 +552,9 @@ def serve(fd: int, d: Path, idle_minutes: float, die_with: int | None) -> None:
 
     app = _Activity(create_app(final=True))
     level = os.environ.get("PREFECT_SERVER_LOGGING_LEVEL", "WARNING").lower()
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level=level,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, lifespan="on", log_level=level, timeout_graceful_shutdown=5)
+    )
     if idle_minutes > 0:
         import threading
 
@@ -509,6 +567,7 @@ def serve(fd: int, d: Path, idle_minutes: float, die_with: int | None) -> None:
                 if app.open == 0 and time.monotonic() - app.last > idle_minutes * 60:
                     print(f"eqlen server: {idle_minutes:g} min idle, stopping", flush=True)
                     server.should_exit = True
+
         threading.Thread(target=idle_stop, daemon=True).start()
     try:
         server.run(sockets=[sock])

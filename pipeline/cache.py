@@ -60,7 +60,7 @@ MANIFEST = "manifest.json"
 LOCK, TMP, TRASH = ".lock-", ".tmp-", ".trash-"
 
 
-def _hash_file(h: "hashlib._Hash", path: Path) -> None:
+def _hash_file(h: hashlib._Hash, path: Path) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -139,6 +139,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 # --- locks -------------------------------------------------------------------------------
 
+
 def lock_file(path: Path) -> Path:
     """The lock file that guards path (a key folder, run.json, ...): `.lock-<name>` beside it."""
     return path.parent / f"{LOCK}{path.name}"
@@ -187,11 +188,12 @@ def locked(path: Path) -> Iterator[Path]:
 
 # --- leftovers ---------------------------------------------------------------------------
 
+
 def _leftover_key(name: str) -> str | None:
     """The key of a `.tmp-<key>-<random>` / `.trash-<key>-<random>` name, else None."""
     for prefix in (TMP, TRASH):
-        if name.startswith(prefix) and "-" in name[len(prefix):]:
-            return name[len(prefix):].rsplit("-", 1)[0]
+        if name.startswith(prefix) and "-" in name[len(prefix) :]:
+            return name[len(prefix) :].rsplit("-", 1)[0]
     return None
 
 
@@ -252,6 +254,7 @@ def sweep(root: Path) -> list[Path]:
 
 
 # --- checks ------------------------------------------------------------------------------
+
 
 def _refresh_mtimes(folder: Path, manifest: dict, now: list[tuple[str, int, int]]) -> None:
     """Record the current mtimes after a re-hash confirmed the content (e.g. a copy that did
@@ -331,8 +334,10 @@ def verify(folder: Path) -> bool:
 
 # --- writes ------------------------------------------------------------------------------
 
-def _produce_and_publish(folder: Path, produce: Callable[[Path], dict[str, Any]],
-                         manifest: dict[str, Any]) -> dict:
+
+def _produce_and_publish(
+    folder: Path, produce: Callable[[Path], dict[str, Any]], manifest: dict[str, Any]
+) -> dict:
     """Run produce into a temporary sibling and publish it; caller holds the key's lock."""
     _clear_leftovers(folder)
     tmp = folder.parent / f"{TMP}{folder.name}-{uuid.uuid4().hex[:8]}"
@@ -340,11 +345,15 @@ def _produce_and_publish(folder: Path, produce: Callable[[Path], dict[str, Any]]
     try:
         t0 = time.perf_counter()
         result = produce(tmp)
-        manifest = dict(manifest, rows=int(result.get("rows", 0)),
-                        metrics=result.get("metrics", {}),
-                        seconds=round(time.perf_counter() - t0, 3),
-                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        files=_file_stats(tmp), output_digest=folder_digest(tmp))
+        manifest = dict(
+            manifest,
+            rows=int(result.get("rows", 0)),
+            metrics=result.get("metrics", {}),
+            seconds=round(time.perf_counter() - t0, 3),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            files=_file_stats(tmp),
+            output_digest=folder_digest(tmp),
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if os.path.lexists(folder):
             # force, or a damaged/edited folder: swap it out, then remove it.
@@ -361,8 +370,13 @@ def _produce_and_publish(folder: Path, produce: Callable[[Path], dict[str, Any]]
     return json.loads(json.dumps(manifest, default=str))
 
 
-def get_or_write(folder: Path, produce: Callable[[Path], dict[str, Any]],
-                 manifest: dict[str, Any], *, force: bool = False) -> tuple[dict, bool]:
+def get_or_write(
+    folder: Path,
+    produce: Callable[[Path], dict[str, Any]],
+    manifest: dict[str, Any],
+    *,
+    force: bool = False,
+) -> tuple[dict, bool]:
     """Serve folder if it is intact, else run `produce(tmp_dir) -> {"rows", "metrics"}` and
     publish it atomically. Returns (manifest, served_from_cache).
 
@@ -383,8 +397,13 @@ def get_or_write(folder: Path, produce: Callable[[Path], dict[str, Any]],
         return _produce_and_publish(folder, produce, manifest), False
 
 
-def write(folder: Path, produce: Callable[[Path], dict[str, Any]], manifest: dict[str, Any],
-          *, force: bool = False) -> dict:
+def write(
+    folder: Path,
+    produce: Callable[[Path], dict[str, Any]],
+    manifest: dict[str, Any],
+    *,
+    force: bool = False,
+) -> dict:
     """Run `produce(tmp_dir) -> {"rows": int, "metrics": {...}}` and publish atomically.
 
     Callers call this after a lookup missed (or to replace an output), so it produces even

@@ -5,8 +5,9 @@ closed set of values carry `metadata["choices"]`: a tuple, or `registry=True` wh
 valid names are those of the registry that the key selects from (`pipeline.registry.BY_KEY`,
 filled when the stage modules are imported). This module imports neither the stages nor
 torch: the command line imports the stages (`flows.runner.load_stages`) before it loads a
-config, so registry choices are checked then, and `runner.run_stage` checks them again. `eqlen run --help-config`
-prints the table built from this metadata, and the README's table is generated from it.
+config, so registry choices are checked then, and `runner.run_stage` checks them again.
+`eqlen config` prints the table built from this metadata, and docs/config.md is generated
+from it.
 
 Overrides use dotted keys (`generate.rounds=4`); values are parsed as YAML scalars or
 flow sequences (`score.reward_funcs=[exact_match,mymod:fn]`). An unknown key or a value
@@ -31,8 +32,15 @@ class ConfigError(EqLenError, ValueError):
     """A config file or `--set` override that cannot be used; the message says why."""
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, *, registry: bool = False,
-       extra: tuple = (), **kw: Any) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    *,
+    registry: bool = False,
+    extra: tuple = (),
+    **kw: Any,
+) -> Any:
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
@@ -45,15 +53,23 @@ def _f(default: Any, help: str, choices: tuple | None = None, *, registry: bool 
 
 @dataclass
 class DataConfig:
-    prompts: str = _f("demo", "Prompt dataset: `demo` (built-in reverse-the-digits task), or a "
-                      "path to a .parquet/.jsonl/.json file or folder of Parquet files.")
+    prompts: str = _f(
+        "demo",
+        "Prompt dataset: `demo` (built-in reverse-the-digits task), or a "
+        "path to a .parquet/.jsonl/.json file or folder of Parquet files.",
+    )
     prompt_column: str = _f("prompt", "Column holding the prompt text.")
-    id_column: str = _f("prompt_id", "Column holding a unique prompt id; generated from the row "
-                        "number when the dataset has no such column.")
-    prompts_per_iteration: int = _f(128, "Prompts drawn per iteration (cycling through the "
-                                    "shuffled dataset).")
-    max_prompt_tokens: int = _f(64, "Longest prompt accepted, in tokens; longer prompts are an "
-                                "error naming the row.")
+    id_column: str = _f(
+        "prompt_id",
+        "Column holding a unique prompt id; generated from the row "
+        "number when the dataset has no such column.",
+    )
+    prompts_per_iteration: int = _f(
+        128, "Prompts drawn per iteration (cycling through the shuffled dataset)."
+    )
+    max_prompt_tokens: int = _f(
+        64, "Longest prompt accepted, in tokens; longer prompts are an error naming the row."
+    )
     demo_size: int = _f(4096, "Number of prompts of the built-in demo task.")
 
 
@@ -61,101 +77,172 @@ class DataConfig:
 class GenerateConfig:
     engine: str = _f("hf", "Rollout engine.", registry=True)
     group_size: int = _f(8, "Tracks per prompt (G), even: G/2 pairs.")
-    rounds: int = _f(1, "Rounds per pair (K): how often an ended track's slot may be refilled "
-                     "by a track inheriting the survivor's prefix. 1 = independent pairs.")
+    rounds: int = _f(
+        1,
+        "Rounds per pair (K): how often an ended track's slot may be refilled "
+        "by a track inheriting the survivor's prefix. 1 = independent pairs.",
+    )
     max_new_tokens: int = _f(16, "Token budget of a whole response (T), EOS included.")
-    temperature: float = _f(1.0, "Sampling temperature; recorded log-probs are of the "
-                            "temperature-scaled distribution, as the update recomputes them.")
+    temperature: float = _f(
+        1.0,
+        "Sampling temperature; recorded log-probs are of the "
+        "temperature-scaled distribution, as the update recomputes them.",
+    )
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off).")
     top_k: int = _f(0, "Top-k sampling (0 = off).")
     batch_tracks: int = _f(512, "Most tracks decoded in one lock-step batch.")
-    device: str = _f("auto", "Device for the hf engine (and the vllm engine's sync check): "
-                     "auto, cpu, cuda.")
+    device: str = _f(
+        "auto", "Device for the hf engine (and the vllm engine's sync check): auto, cpu, cuda."
+    )
     # vLLM engine (generate.engine=vllm). Without a GPU the CPU settings are applied
     # automatically: float32, eager mode, block size 32, in-process engine.
-    vllm_dtype: str = _f("auto", "vLLM weight dtype: auto (float32 on CPU, the model's dtype "
-                         "on GPU), float32, bfloat16, float16.",
-                         choices=("auto", "float32", "bfloat16", "float16"))
-    vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory vLLM may take (weights "
-                                            "+ KV cache); the rest is left to the colocated "
-                                            "trainer.")
-    vllm_max_model_len: int = _f(0, "Longest prompt + response vLLM serves; 0 = "
-                                 "data.max_prompt_tokens + generate.max_new_tokens.")
+    vllm_dtype: str = _f(
+        "auto",
+        "vLLM weight dtype: auto (float32 on CPU, the model's dtype "
+        "on GPU), float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.3,
+        "Fraction of GPU memory vLLM may take (weights "
+        "+ KV cache); the rest is left to the colocated "
+        "trainer.",
+    )
+    vllm_max_model_len: int = _f(
+        0,
+        "Longest prompt + response vLLM serves; 0 = "
+        "data.max_prompt_tokens + generate.max_new_tokens.",
+    )
     vllm_tensor_parallel_size: int = _f(1, "GPUs one vLLM engine is split over.")
-    vllm_enable_prefix_caching: bool = _f(True, "Reuse the KV blocks of shared prefixes (the "
-                                          "prompt across a group, the inherited prefix of a "
-                                          "newcomer).")
-    vllm_block_size: int = _f(0, "KV-cache block size in tokens; 0 = vLLM's default on GPU, "
-                              "32 on CPU (the CPU backend needs a multiple of 32).")
-    vllm_enforce_eager: bool = _f(False, "Disable CUDA graphs / torch.compile (always on for "
-                                  "CPU); faster start-up, slower decoding.")
-    vllm_cpu_kvcache_gib: int = _f(1, "CPU only: GiB of memory for the KV cache "
-                                   "(VLLM_CPU_KVCACHE_SPACE, unless set in the environment).")
-    vllm_sync_check: bool = _f(True, "Every iteration, compare vLLM's log-probs of a fixed "
-                               "sequence (the dataset's first prompt) with a transformers "
-                               "forward pass of the same weights; reported in the generate "
-                               "metrics.")
+    vllm_enable_prefix_caching: bool = _f(
+        True,
+        "Reuse the KV blocks of shared prefixes (the "
+        "prompt across a group, the inherited prefix of a "
+        "newcomer).",
+    )
+    vllm_block_size: int = _f(
+        0,
+        "KV-cache block size in tokens; 0 = vLLM's default on GPU, "
+        "32 on CPU (the CPU backend needs a multiple of 32).",
+    )
+    vllm_enforce_eager: bool = _f(
+        False,
+        "Disable CUDA graphs / torch.compile (always on for "
+        "CPU); faster start-up, slower decoding.",
+    )
+    vllm_cpu_kvcache_gib: int = _f(
+        1,
+        "CPU only: GiB of memory for the KV cache "
+        "(VLLM_CPU_KVCACHE_SPACE, unless set in the environment).",
+    )
+    vllm_sync_check: bool = _f(
+        True,
+        "Every iteration, compare vLLM's log-probs of a fixed "
+        "sequence (the dataset's first prompt) with a transformers "
+        "forward pass of the same weights; reported in the generate "
+        "metrics.",
+    )
 
 
 @dataclass
 class ScoreConfig:
-    reward_funcs: list[str] = _f(["exact_match"], "Reward functions: built-in names or "
-                                 "`module:function` with the TRL contract "
-                                 "`(completions, **columns) -> list[float]`.")
-    reward_weights: list[float] = _f([], "Weight per reward function (empty = all 1.0); "
-                                     "`reward` is the weighted sum.")
-    correct_threshold: float = _f(1.0, "A response counts as correct in length diagnostics when "
-                                  "its reward is at least this.")
+    reward_funcs: list[str] = _f(
+        ["exact_match"],
+        "Reward functions: built-in names or "
+        "`module:function` with the TRL contract "
+        "`(completions, **columns) -> list[float]`.",
+    )
+    reward_weights: list[float] = _f(
+        [], "Weight per reward function (empty = all 1.0); `reward` is the weighted sum."
+    )
+    correct_threshold: float = _f(
+        1.0, "A response counts as correct in length diagnostics when its reward is at least this."
+    )
 
 
 @dataclass
 class PairConfig:
     strategy: str = _f("group", "How comparison units are built.", registry=True)
-    scale_rewards: str = _f("group", "Default advantage scaling: `group` divides by the std of "
-                            "the prompt's rewards, `none` leaves raw differences.",
-                            choices=("group", "none"))
+    scale_rewards: str = _f(
+        "group",
+        "Default advantage scaling: `group` divides by the std of "
+        "the prompt's rewards, `none` leaves raw differences.",
+        choices=("group", "none"),
+    )
     eps: float = _f(1e-4, "Added to the std before dividing.")
 
 
 @dataclass
 class UpdateConfig:
-    algorithm: str = _f("grpo", "Policy-gradient objective: grpo (token ratio), gspo (sequence "
-                        "ratio over the member's segment), rloo (token ratio, leave-one-out "
-                        "advantage).", registry=True)
-    loss_agg: str = _f("seq_mean_token_mean", "How token losses are aggregated (per-token "
-                       "weights, see docs/objectives.md); `unit_mean` is the natural choice "
-                       "for pair units.", registry=True)
-    advantage: str = _f("auto", "Advantage estimator: auto (the algorithm's: grpo for "
-                        "grpo/gspo, rloo for rloo), units (the pair stage's `advantage` "
-                        "column), or an estimator name.", registry=True,
-                        extra=("auto", "units"))
-    scale_rewards: str = _f("auto", "Advantage scaling (TRL's scale_rewards): group, batch, "
-                            "none; auto = group for grpo, none for rloo.",
-                            choices=("auto", "group", "batch", "none"))
+    algorithm: str = _f(
+        "grpo",
+        "Policy-gradient objective: grpo (token ratio), gspo (sequence "
+        "ratio over the member's segment), rloo (token ratio, leave-one-out "
+        "advantage).",
+        registry=True,
+    )
+    loss_agg: str = _f(
+        "seq_mean_token_mean",
+        "How token losses are aggregated (per-token "
+        "weights, see docs/objectives.md); `unit_mean` is the natural choice "
+        "for pair units.",
+        registry=True,
+    )
+    advantage: str = _f(
+        "auto",
+        "Advantage estimator: auto (the algorithm's: grpo for "
+        "grpo/gspo, rloo for rloo), units (the pair stage's `advantage` "
+        "column), or an estimator name.",
+        registry=True,
+        extra=("auto", "units"),
+    )
+    scale_rewards: str = _f(
+        "auto",
+        "Advantage scaling (TRL's scale_rewards): group, batch, "
+        "none; auto = group for grpo, none for rloo.",
+        choices=("auto", "group", "batch", "none"),
+    )
     eps: float = _f(1e-4, "Added to the std before dividing.")
     delta_l_alpha: float = _f(1.0, "Exponent alpha of the delta_l aggregation.")
-    lr: float = _f(5e-4, "AdamW peak learning rate (the default suits the demo's 165k-parameter "
-                   "model; LLMs want ~1e-6).")
-    lr_schedule: str = _f("constant", "Learning-rate schedule over the whole run (iterations x "
-                          "epochs x minibatches optimizer steps), after warmup.",
-                          choices=("constant", "linear", "cosine"))
+    lr: float = _f(
+        5e-4,
+        "AdamW peak learning rate (the default suits the demo's 165k-parameter "
+        "model; LLMs want ~1e-6).",
+    )
+    lr_schedule: str = _f(
+        "constant",
+        "Learning-rate schedule over the whole run (iterations x "
+        "epochs x minibatches optimizer steps), after warmup.",
+        choices=("constant", "linear", "cosine"),
+    )
     warmup_steps: int = _f(0, "Optimizer steps of linear warmup from 0 to lr.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     epochs: int = _f(1, "Passes over the units per update stage.")
     minibatches: int = _f(4, "Optimizer steps per epoch (the members are split evenly).")
     micro_batch_size: int = _f(64, "Sequences per forward/backward (gradient accumulation).")
     clip_low: float = _f(0.2, "Lower clip range: ratio >= 1 - clip_low.")
-    clip_high: float = _f(0.2, "Upper clip range: ratio <= 1 + clip_high (clip-higher when > "
-                          "clip_low).")
-    dual_clip: float = _f(0.0, "Dual-clip constant c > 1 bounding negative-advantage losses at "
-                          "-A*c (0 = off).")
-    beta: float = _f(0.0, "KL coefficient to the frozen initial policy (k3 estimator); the "
-                     "reference is loaded only when beta > 0.")
-    mask_truncated: bool = _f(False, "Leave out of the loss the members whose response hit "
-                              "max_new_tokens (finish_reason = length).")
-    skip_zero_signal: bool = _f(True, "Do not forward members of units whose rewards are all "
-                                "equal (advantage 0). Normalisers still count them, so "
-                                "nobody else's weight shifts; ignored when beta > 0.")
+    clip_high: float = _f(
+        0.2, "Upper clip range: ratio <= 1 + clip_high (clip-higher when > clip_low)."
+    )
+    dual_clip: float = _f(
+        0.0, "Dual-clip constant c > 1 bounding negative-advantage losses at -A*c (0 = off)."
+    )
+    beta: float = _f(
+        0.0,
+        "KL coefficient to the frozen initial policy (k3 estimator); the "
+        "reference is loaded only when beta > 0.",
+    )
+    mask_truncated: bool = _f(
+        False,
+        "Leave out of the loss the members whose response hit "
+        "max_new_tokens (finish_reason = length).",
+    )
+    skip_zero_signal: bool = _f(
+        True,
+        "Do not forward members of units whose rewards are all "
+        "equal (advantage 0). Normalisers still count them, so "
+        "nobody else's weight shifts; ignored when beta > 0.",
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping by global norm (0 = off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory).")
     bf16: bool = _f(True, "bf16 autocast for forward/backward on CUDA (CPU runs fp32).")
@@ -166,10 +253,15 @@ class UpdateConfig:
 class Config:
     seed: int = _f(0, "Seed of prompt order, sampling and training.")
     iterations: int = _f(10, "Online iterations of generate -> score -> pair -> update.")
-    model: str = _f("demo", "Initial policy: `demo` (the shipped tiny model) or a local "
-                    "Hugging Face model folder.")
-    cache_dir: str = _f("", "Where stage outputs live, one folder per cache key; empty = "
-                        "RUN_DIR/cache. Point several runs at one folder to share stages.")
+    model: str = _f(
+        "demo",
+        "Initial policy: `demo` (the shipped tiny model) or a local Hugging Face model folder.",
+    )
+    cache_dir: str = _f(
+        "",
+        "Where stage outputs live, one folder per cache key; empty = "
+        "RUN_DIR/cache. Point several runs at one folder to share stages.",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -185,6 +277,7 @@ def choices_of(f: dataclasses.Field, key: str | None = None) -> tuple | None:
     registry is loaded (None: not known here)."""
     if f.metadata.get("registry"):
         from pipeline.registry import BY_KEY
+
         reg = BY_KEY.get(key or "")
         return (*f.metadata["extra"], *reg.names()) if reg is not None else None
     return f.metadata.get("choices")
@@ -238,16 +331,18 @@ def _set(obj: Any, key: str, value: Any, prefix: str = "") -> None:
     full = f"{prefix}{head}"
     if head not in fields:
         where = f"in '{prefix[:-1]}'" if prefix else "at the top level"
-        raise ConfigError(f"unknown config key '{full}'; valid keys {where}: "
-                          + ", ".join(sorted(fields)))
-    f = fields[head]
+        raise ConfigError(
+            f"unknown config key '{full}'; valid keys {where}: " + ", ".join(sorted(fields))
+        )
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
             return _set(current, rest, value, prefix=f"{full}.")
         if not isinstance(value, dict):
-            raise ConfigError(f"'{full}' is a section; set one of its keys: "
-                              + ", ".join(sorted(_fields(current))))
+            raise ConfigError(
+                f"'{full}' is a section; set one of its keys: "
+                + ", ".join(sorted(_fields(current)))
+            )
         for k, v in value.items():
             _set(current, str(k), v, prefix=f"{full}.")
         return
@@ -278,28 +373,44 @@ def validate(cfg: Config) -> Config:
         (g.group_size >= 2 and g.group_size % 2 == 0, "generate.group_size must be even and >= 2"),
         (g.rounds >= 1, "generate.rounds must be >= 1"),
         (g.max_new_tokens >= 1, "generate.max_new_tokens must be >= 1"),
-        (g.temperature > 0, "generate.temperature must be > 0 (greedy decoding gives no "
-                            "group-relative signal)"),
+        (
+            g.temperature > 0,
+            "generate.temperature must be > 0 (greedy decoding gives no group-relative signal)",
+        ),
         (0 < g.top_p <= 1, "generate.top_p must be in (0, 1]"),
         (g.batch_tracks >= g.group_size, "generate.batch_tracks must be >= generate.group_size"),
-        (0 < g.vllm_gpu_memory_utilization <= 1, "generate.vllm_gpu_memory_utilization must be "
-                                                  "in (0, 1]"),
+        (
+            0 < g.vllm_gpu_memory_utilization <= 1,
+            "generate.vllm_gpu_memory_utilization must be in (0, 1]",
+        ),
         (g.vllm_max_model_len >= 0, "generate.vllm_max_model_len must be >= 0 (0 = automatic)"),
         (g.vllm_tensor_parallel_size >= 1, "generate.vllm_tensor_parallel_size must be >= 1"),
         (g.vllm_block_size >= 0, "generate.vllm_block_size must be >= 0 (0 = automatic)"),
         (g.vllm_cpu_kvcache_gib >= 1, "generate.vllm_cpu_kvcache_gib must be >= 1"),
         (cfg.iterations >= 1, "iterations must be >= 1"),
         (cfg.data.prompts_per_iteration >= 1, "data.prompts_per_iteration must be >= 1"),
-        (cfg.update.epochs >= 1 and cfg.update.minibatches >= 1 and cfg.update.micro_batch_size >= 1,
-         "update.epochs, update.minibatches and update.micro_batch_size must be >= 1"),
+        (
+            cfg.update.epochs >= 1
+            and cfg.update.minibatches >= 1
+            and cfg.update.micro_batch_size >= 1,
+            "update.epochs, update.minibatches and update.micro_batch_size must be >= 1",
+        ),
         (cfg.update.lr > 0, "update.lr must be > 0"),
-        (cfg.update.clip_low >= 0 and cfg.update.clip_high >= 0,
-         "update.clip_low and update.clip_high must be >= 0"),
-        (cfg.update.dual_clip == 0 or cfg.update.dual_clip > 1, "update.dual_clip must be 0 (off) or > 1"),
+        (
+            cfg.update.clip_low >= 0 and cfg.update.clip_high >= 0,
+            "update.clip_low and update.clip_high must be >= 0",
+        ),
+        (
+            cfg.update.dual_clip == 0 or cfg.update.dual_clip > 1,
+            "update.dual_clip must be 0 (off) or > 1",
+        ),
         (cfg.update.beta >= 0, "update.beta must be >= 0"),
         (cfg.pair.eps >= 0 and cfg.update.eps >= 0, "pair.eps and update.eps must be >= 0"),
-        (not cfg.score.reward_weights or len(cfg.score.reward_weights) == len(cfg.score.reward_funcs),
-         "score.reward_weights must be empty or have one weight per entry of score.reward_funcs"),
+        (
+            not cfg.score.reward_weights
+            or len(cfg.score.reward_weights) == len(cfg.score.reward_funcs),
+            "score.reward_weights must be empty or have one weight per entry of score.reward_funcs",
+        ),
         (len(cfg.score.reward_funcs) >= 1, "score.reward_funcs must name at least one function"),
     ]
     for ok, msg in checks:
@@ -327,8 +438,9 @@ def apply(cfg: Config, data: dict[str, Any] | None = None, overrides: list[str] 
     return validate(cfg)
 
 
-def load(path: str | Path | None = None, overrides: list[str] = (),
-         base: dict[str, Any] | None = None) -> Config:
+def load(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None
+) -> Config:
     """Build a Config: defaults, then `base` (a recorded config), then the YAML file, then --set."""
     cfg = Config()
     for k, v in (base or {}).items():
@@ -343,7 +455,9 @@ def load(path: str | Path | None = None, overrides: list[str] = (),
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+            raise ConfigError(
+                f"config file {p} must hold a mapping of keys, got {type(data).__name__}"
+            )
     try:
         return apply(cfg, data, overrides)
     except ConfigError as e:

@@ -82,6 +82,7 @@ DEFAULT_ERROR_RATE = 0.6
 # Prompts
 # --------------------------------------------------------------------------
 
+
 def _draw_digits(rng: random.Random, min_digits: int, max_digits: int) -> str:
     """A digit string of uniformly drawn length; no leading zero, so it reads
     as a number (its reversal may start with zero, which is fine)."""
@@ -93,9 +94,7 @@ def format_prompt(digits: str) -> str:
     return f"rev {digits}="
 
 
-def make_demo_prompts(
-    n: int, seed: int = 0, min_digits: int = 1, max_digits: int = 8
-) -> pa.Table:
+def make_demo_prompts(n: int, seed: int = 0, min_digits: int = 1, max_digits: int = 8) -> pa.Table:
     """``n`` demo prompts as a table (``prompt_id``, ``prompt``, ``answer``).
 
     Deterministic given the arguments; the digit count is uniform over
@@ -110,7 +109,9 @@ def make_demo_prompts(
         ids.append(f"demo-{i:06d}")
         prompts.append(format_prompt(digits))
         answers.append(digits[::-1])
-    schema = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("answer", pa.string())])
+    schema = pa.schema(
+        [("prompt_id", pa.string()), ("prompt", pa.string()), ("answer", pa.string())]
+    )
     return pa.table([ids, prompts, answers], schema=schema)
 
 
@@ -122,6 +123,7 @@ def is_correct(response_text: str, answer: str, finished: bool = True) -> bool:
 # --------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained locally on task text.
@@ -135,7 +137,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -147,7 +152,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     rng = random.Random(1234)  # fixed corpus -> identical vocab on every build
     corpus = [format_prompt(_draw_digits(rng, 1, 8)) + _draw_digits(rng, 1, 8) for _ in range(2000)]
     tok.train_from_iterator(corpus, trainer)
-    assert (tok.token_to_id(PAD), tok.token_to_id(EOS), tok.token_to_id(BOS)) == (PAD_ID, EOS_ID, BOS_ID)
+    assert (tok.token_to_id(PAD), tok.token_to_id(EOS), tok.token_to_id(BOS)) == (
+        PAD_ID,
+        EOS_ID,
+        BOS_ID,
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
@@ -177,9 +186,12 @@ def encode_response(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int
 # Model
 # --------------------------------------------------------------------------
 
+
 def demo_model_dir() -> Path:
     """The shipped warm-started checkpoint (model + tokenizer)."""
-    return Path(__file__).resolve().parent / "demo_assets" / "model"
+    from pipeline.models import DEMO_MODEL_DIR
+
+    return DEMO_MODEL_DIR
 
 
 def _model_config(vocab_size: int) -> LlamaConfig:
@@ -224,14 +236,17 @@ def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str,
     i = rng.randrange(len(answer))
     if mode == "swap":
         other = rng.choice([d for d in "0123456789" if d != answer[i]])
-        return answer[:i] + other + answer[i + 1:], mode
+        return answer[:i] + other + answer[i + 1 :], mode
     if len(answer) < 2:
         return answer, "correct"
-    return answer[:i] + answer[i + 1:], mode
+    return answer[:i] + answer[i + 1 :], mode
 
 
 def _training_batch(
-    tokenizer: PreTrainedTokenizerFast, rng: random.Random, batch_size: int, max_digits: int,
+    tokenizer: PreTrainedTokenizerFast,
+    rng: random.Random,
+    batch_size: int,
+    max_digits: int,
     error_rate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fresh batch of (prompt + response) sequences, left-padded like at
@@ -248,10 +263,10 @@ def _training_batch(
     ids = torch.full((batch_size, width), PAD_ID, dtype=torch.long)
     lab = torch.full((batch_size, width), -100, dtype=torch.long)
     mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, width - len(s):] = torch.tensor(s)
-        lab[i, width - len(s):] = torch.tensor(l)
-        mask[i, width - len(s):] = 1
+    for i, (s, lbl) in enumerate(zip(seqs, labels)):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        lab[i, width - len(s) :] = torch.tensor(lbl)
+        mask[i, width - len(s) :] = 1
     return ids, mask, lab
 
 
@@ -307,7 +322,9 @@ def build_demo_model(
     t0, running = time.perf_counter(), 0.0
     for step in range(steps):
         ids, mask, labels = _training_batch(tokenizer, rng, batch_size, max_digits, error_rate)
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), labels=labels).loss
+        loss = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), labels=labels
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -316,13 +333,21 @@ def build_demo_model(
         running += loss.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             n = (step % log_every) + 1
-            print(f"step {step + 1}/{steps}  loss {running / n:.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
+            print(
+                f"step {step + 1}/{steps}  loss {running / n:.4f}  {time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
             running = 0.0
 
     model.eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
         max_new_tokens=_max_new_tokens(max_digits),
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -334,6 +359,7 @@ def build_demo_model(
 # --------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def evaluate(
@@ -358,20 +384,28 @@ def evaluate(
     correct: dict[int, list[bool]] = {}
     lengths: dict[bool, list[int]] = {True: [], False: []}
     for start in range(0, len(table), 128):
-        rows = table[start:start + 128]
+        rows = table[start : start + 128]
         batch = tokenizer.pad(
-            {"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in rows]}, return_tensors="pt"
+            {"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in rows]},
+            return_tensors="pt",
         )
         out = model.generate(
-            **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-            max_new_tokens=_max_new_tokens(max_digits), num_return_sequences=samples,
+            **batch,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=_max_new_tokens(max_digits),
+            num_return_sequences=samples,
         )
-        gen = out[:, batch["input_ids"].shape[1]:].tolist()
+        gen = out[:, batch["input_ids"].shape[1] :].tolist()
         for i, toks in enumerate(gen):
             row = rows[i // samples]  # num_return_sequences repeats each prompt in place
             finished = EOS_ID in toks
             resp = toks[: toks.index(EOS_ID) + 1] if finished else toks
-            ok = is_correct(tokenizer.decode(resp, skip_special_tokens=True), row["answer"], finished)
+            ok = is_correct(
+                tokenizer.decode(resp, skip_special_tokens=True), row["answer"], finished
+            )
             correct.setdefault(len(row["answer"]), []).append(ok)
             lengths[ok].append(len(resp))
 
@@ -396,7 +430,9 @@ DEFAULT_STEPS = 2000
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build and warm-start the demo model")
     b.add_argument("--out", type=Path, default=demo_model_dir())
@@ -413,14 +449,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "build":
         t0 = time.perf_counter()
         path = build_demo_model(
-            args.out, steps=args.steps, seed=args.seed, error_rate=args.error_rate)
+            args.out, steps=args.steps, seed=args.seed, error_rate=args.error_rate
+        )
         print(f"saved {path} in {time.perf_counter() - t0:.1f}s")
     else:
         res = evaluate(args.model_dir, args.n_prompts, args.samples, args.temperature, args.seed)
         print(f"accuracy {res['accuracy']:.3f} over {res['n_samples']} samples")
         for k, v in res["accuracy_by_digits"].items():
             print(f"  {k} digits: {v:.3f}")
-        print(f"mean length correct {res['mean_len_correct']:.2f}  incorrect {res['mean_len_incorrect']:.2f}")
+        print(
+            f"mean length correct {res['mean_len_correct']:.2f}  "
+            f"incorrect {res['mean_len_incorrect']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,16 +19,36 @@ if TYPE_CHECKING:  # torch is imported where a model is loaded, not to check a f
     import torch
 
 # What `save_pretrained` writes for the weights (single file or sharded with an index).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Any of these means a tokenizer was saved next to the model (fast, SentencePiece, BPE,
 # WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 # Where configs of common architectures keep their context length (Llama, Qwen2, Mistral:
 # max_position_embeddings; GPT-2: n_positions; others: the rest).
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
-                 "seq_length", "n_ctx")
+POSITION_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+
+
+# The shipped demo checkpoint (built by `python -m pipeline.demo build`): a path that needs
+# no transformers import to compute.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_assets" / "model"
 
 
 class ModelError(EqLenError, ValueError):
@@ -39,49 +59,64 @@ def check_folder(model_dir: str | Path, what: str = "model", tokenizer: bool = T
     """Check that a folder holds a loadable model (config.json, weights and, with
     `tokenizer`, tokenizer files); return its parsed config.json. Reads only files."""
     p = Path(model_dir).expanduser()
-    hint = "give a folder written by model.save_pretrained(folder) and " \
-           "tokenizer.save_pretrained(folder)"
+    hint = (
+        "give a folder written by model.save_pretrained(folder) and "
+        "tokenizer.save_pretrained(folder)"
+    )
     if not p.exists():
         raise ModelError(f"{what}: {p} does not exist; {hint}, or `demo`")
     if not p.is_dir():
         raise ModelError(f"{what}: {p} is a file, not a model folder; {hint}")
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        raise ModelError(f"{what}: {p} is not a Hugging Face model folder (no config.json); "
-                         f"{hint}, or `demo`")
+        raise ModelError(
+            f"{what}: {p} is not a Hugging Face model folder (no config.json); {hint}, or `demo`"
+        )
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{what}: {cfg_file} is not valid JSON ({e}); save the model again "
-                         "with save_pretrained") from None
+        raise ModelError(
+            f"{what}: {cfg_file} is not valid JSON ({e}); save the model again with save_pretrained"
+        ) from None
     except PermissionError:
         raise ModelError(f"{what}: {cfg_file} cannot be read (permission denied)") from None
     if not isinstance(config, dict):
-        raise ModelError(f"{what}: {cfg_file} does not hold a JSON object; save the model "
-                         "again with save_pretrained")
+        raise ModelError(
+            f"{what}: {cfg_file} does not hold a JSON object; save the model "
+            "again with save_pretrained"
+        )
     weights = [f for f in WEIGHT_FILES if (p / f).is_file()]
     if not weights:
-        others = sorted(x.name for x in p.glob("*.safetensors")) + \
-            sorted(x.name for x in p.glob("*.bin"))
+        others = sorted(x.name for x in p.glob("*.safetensors")) + sorted(
+            x.name for x in p.glob("*.bin")
+        )
         found = f" (found only {', '.join(others[:4])})" if others else ""
-        raise ModelError(f"{what}: {p} has a config.json but no weights{found}: expected "
-                         f"{' or '.join(WEIGHT_FILES[::2])} (or a sharded checkpoint with its "
-                         f"index). Save the weights with model.save_pretrained({p.name!r}).")
+        raise ModelError(
+            f"{what}: {p} has a config.json but no weights{found}: expected "
+            f"{' or '.join(WEIGHT_FILES[::2])} (or a sharded checkpoint with its "
+            f"index). Save the weights with model.save_pretrained({p.name!r})."
+        )
     for index in (w for w in weights if w.endswith(".index.json")):
         try:
             shards = set(json.loads((p / index).read_text()).get("weight_map", {}).values())
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise ModelError(f"{what}: {p / index} is not a valid weight index; save the "
-                             "model again with save_pretrained") from None
+            raise ModelError(
+                f"{what}: {p / index} is not a valid weight index; save the "
+                "model again with save_pretrained"
+            ) from None
         missing = sorted(s for s in shards if not (p / s).is_file())
         if missing:
-            raise ModelError(f"{what}: {p / index} lists weight shards that are missing: "
-                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}. "
-                             "Copy the whole folder.")
+            raise ModelError(
+                f"{what}: {p / index} lists weight shards that are missing: "
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}. "
+                "Copy the whole folder."
+            )
     if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(f"{what}: {p} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}"
-                         ", ...). Save one next to the model with "
-                         "tokenizer.save_pretrained(folder).")
+        raise ModelError(
+            f"{what}: {p} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}"
+            ", ...). Save one next to the model with "
+            "tokenizer.save_pretrained(folder)."
+        )
     return config
 
 
@@ -98,6 +133,7 @@ def max_positions(config: dict) -> tuple[str, int] | None:
 
 def resolve_device(name: str) -> torch.device:
     import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -112,11 +148,15 @@ def load_tokenizer(model_dir: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{model_dir}: no usable tokenizer ({e}). Save one next to the model "
-                         "with tokenizer.save_pretrained(folder).") from None
+        raise ModelError(
+            f"{model_dir}: no usable tokenizer ({e}). Save one next to the model "
+            "with tokenizer.save_pretrained(folder)."
+        ) from None
     if tok.eos_token_id is None:
-        raise ModelError(f"{model_dir}: the tokenizer has no EOS token, so responses cannot end. "
-                         "Set tokenizer.eos_token and save it again.")
+        raise ModelError(
+            f"{model_dir}: the tokenizer has no EOS token, so responses cannot end. "
+            "Set tokenizer.eos_token and save it again."
+        )
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:  # pragma: no cover - caught above
             raise ModelError(f"{model_dir}: the tokenizer has neither pad nor EOS token.")

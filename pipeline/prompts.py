@@ -43,8 +43,10 @@ def _text(p: Path, data: bytes) -> str:
         start = e.start
         line = data.count(b"\n", 0, start) + 1
         col = start - (data.rfind(b"\n", 0, start) + 1) + 1
-        _fail(f"file {p}, line {line}: not UTF-8 text (byte 0x{data[start]:02x} at column "
-              f"{col}). Save the file as UTF-8.")
+        _fail(
+            f"file {p}, line {line}: not UTF-8 text (byte 0x{data[start]:02x} at column "
+            f"{col}). Save the file as UTF-8."
+        )
 
 
 def _table(p: Path, records: list[dict], lines: list[int] | None) -> pa.Table:
@@ -64,16 +66,21 @@ def _table(p: Path, records: list[dict], lines: list[int] | None) -> pa.Table:
             pass
         first = next(i for i, v in enumerate(values) if v is not None)
         kind = _kind(values[first])
-        other = next((i for i, v in enumerate(values) if v is not None and _kind(v) != kind),
-                     None)
+        other = next((i for i, v in enumerate(values) if v is not None and _kind(v) != kind), None)
         if other is None:
-            _fail(f"file {p}, column '{name}': its values cannot be stored as one column "
-                  f"(first at {where(first)}). Give every row the same type.")
-        _fail(f"file {p}, column '{name}': {where(first)} holds {kind}, {where(other)} holds "
-              f"{_kind(values[other])}. Give every row the same type (e.g. quote numbers as "
-              "strings).")
-    _fail(f"file {p}: the records cannot be stored as a table. Give every row the same "
-          "columns and types.")
+            _fail(
+                f"file {p}, column '{name}': its values cannot be stored as one column "
+                f"(first at {where(first)}). Give every row the same type."
+            )
+        _fail(
+            f"file {p}, column '{name}': {where(first)} holds {kind}, {where(other)} holds "
+            f"{_kind(values[other])}. Give every row the same type (e.g. quote numbers as "
+            "strings)."
+        )
+    _fail(
+        f"file {p}: the records cannot be stored as a table. Give every row the same "
+        "columns and types."
+    )
 
 
 def _kind(v) -> str:
@@ -106,11 +113,12 @@ def read_jsonl(p: Path) -> pa.Table:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            _fail(f"file {p}, line {n}: not valid JSON ({e.msg} at column {e.colno}). "
-                  f"Write {_RECORD}.")
+            _fail(
+                f"file {p}, line {n}: not valid JSON ({e.msg} at column {e.colno}). "
+                f"Write {_RECORD}."
+            )
         if not isinstance(rec, dict):
-            _fail(f"file {p}, line {n}: expected a JSON object, got {_kind(rec)}. "
-                  f"Write {_RECORD}.")
+            _fail(f"file {p}, line {n}: expected a JSON object, got {_kind(rec)}. Write {_RECORD}.")
         records.append(rec)
         lines.append(n)
     return _table(p, records, lines)
@@ -125,8 +133,10 @@ def read_json(p: Path) -> pa.Table:
     except json.JSONDecodeError as e:
         _fail(f"file {p}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).")
     if not isinstance(data, list):
-        _fail(f"file {p}: expected a JSON list of records, got {_kind(data)}. For one record "
-              "per line use a .jsonl file.")
+        _fail(
+            f"file {p}: expected a JSON list of records, got {_kind(data)}. For one record "
+            "per line use a .jsonl file."
+        )
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             _fail(f"file {p}, record {i + 1}: expected a JSON object, got {_kind(rec)}.")
@@ -136,8 +146,10 @@ def read_json(p: Path) -> pa.Table:
 def read_source(source: str) -> pa.Table:
     p = Path(source).expanduser()
     if not p.exists():
-        _fail(f"data.prompts: {source} does not exist; give `demo` or a "
-              ".parquet/.jsonl/.json file or folder of Parquet files")
+        _fail(
+            f"data.prompts: {source} does not exist; give `demo` or a "
+            ".parquet/.jsonl/.json file or folder of Parquet files"
+        )
     if not (p.is_dir() or p.suffix in (".parquet", ".jsonl", ".json")):
         _fail(f"data.prompts: {p} has unknown format {p.suffix!r}; use .parquet, .jsonl or .json")
     try:
@@ -147,13 +159,17 @@ def read_source(source: str) -> pa.Table:
             except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
                 if isinstance(e, PermissionError):
                     raise
-                _fail(f"data.prompts: {p} is not readable as Parquet ({e}). Give a Parquet "
-                      "file, or a folder holding only Parquet files.")
+                _fail(
+                    f"data.prompts: {p} is not readable as Parquet ({e}). Give a Parquet "
+                    "file, or a folder holding only Parquet files."
+                )
         else:
             table = read_json(p) if p.suffix == ".json" else read_jsonl(p)
     except PermissionError as e:
-        _fail(f"data.prompts: {e.filename or p} cannot be read (permission denied). Make it "
-              "readable for this user.")
+        _fail(
+            f"data.prompts: {e.filename or p} cannot be read (permission denied). Make it "
+            "readable for this user."
+        )
     except IsADirectoryError:
         _fail(f"data.prompts: {p} is a folder; only Parquet files may be given as a folder.")
     if table.num_rows == 0:
@@ -172,8 +188,10 @@ def source_digest(cfg: Config):
         read_source(d.prompts)  # raises naming the file
         raise
     except PermissionError as e:
-        _fail(f"data.prompts: {e.filename or p} cannot be read (permission denied). Make it "
-              "readable for this user.")
+        _fail(
+            f"data.prompts: {e.filename or p} cannot be read (permission denied). Make it "
+            "readable for this user."
+        )
 
 
 # (source digest, prompt column, id column) -> table: the preflight check and materialize
@@ -185,24 +203,32 @@ def load_table(cfg: Config, digest=None) -> pa.Table:
     """The prompts table `materialize` writes: columns renamed, ids filled, validated."""
     d = cfg.data
     digest = source_digest(cfg) if digest is None else digest
-    memo_key = (json.dumps(digest, sort_keys=True, default=str), d.prompts, d.prompt_column,
-                d.id_column)
+    memo_key = (
+        json.dumps(digest, sort_keys=True, default=str),
+        d.prompts,
+        d.prompt_column,
+        d.id_column,
+    )
     if memo_key in _memo:
         return _memo[memo_key]
     if d.prompts == "demo":
         from pipeline.demo import make_demo_prompts
+
         table = make_demo_prompts(d.demo_size, seed=cfg.seed)
     else:
         table = read_source(d.prompts)
     where = "the demo" if d.prompts == "demo" else d.prompts
     if d.prompt_column not in table.column_names:
-        _fail(f"file {where}: no column '{d.prompt_column}' (data.prompt_column); columns: "
-              f"{', '.join(table.column_names)}. Set data.prompt_column to the prompt's column.")
+        _fail(
+            f"file {where}: no column '{d.prompt_column}' (data.prompt_column); columns: "
+            f"{', '.join(table.column_names)}. Set data.prompt_column to the prompt's column."
+        )
     if d.prompt_column != "prompt":
         if "prompt" in table.column_names:
             table = table.drop_columns(["prompt"])
-        table = table.rename_columns(["prompt" if c == d.prompt_column else c
-                                      for c in table.column_names])
+        table = table.rename_columns(
+            ["prompt" if c == d.prompt_column else c for c in table.column_names]
+        )
     if d.id_column in table.column_names:
         ids = table.column(d.id_column).cast(pa.string())
         table = table.drop_columns([d.id_column])
@@ -221,9 +247,16 @@ def load_table(cfg: Config, digest=None) -> pa.Table:
 def materialize(cfg: Config, root: Path) -> Path:
     d = cfg.data
     digest = source_digest(cfg)
-    key = cache.cache_key({"stage": "prompts", "version": VERSION, "source": digest,
-                           "prompt_column": d.prompt_column, "id_column": d.id_column,
-                           "code": cache.source_digest(__file__)})
+    key = cache.cache_key(
+        {
+            "stage": "prompts",
+            "version": VERSION,
+            "source": digest,
+            "prompt_column": d.prompt_column,
+            "id_column": d.id_column,
+            "code": cache.source_digest(__file__),
+        }
+    )
     folder = root / "prompts" / key
     if cache.lookup(folder) is not None:
         _memo.clear()

@@ -29,8 +29,8 @@ BY_KEY: dict[str, Registry] = {}
 
 class Registry(Generic[F]):
     def __init__(self, kind: str, key: str | None = None):
-        self.kind = kind          # e.g. "pair strategy"
-        self.key = key            # the config key that selects from it, for error messages
+        self.kind = kind  # e.g. "pair strategy"
+        self.key = key  # the config key that selects from it, for error messages
         self._items: dict[str, F] = {}
         if key is not None:
             BY_KEY[key] = self
@@ -41,6 +41,7 @@ class Registry(Generic[F]):
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._items[name] = fn
             return fn
+
         return deco
 
     def get(self, name: str) -> F:
@@ -48,8 +49,9 @@ class Registry(Generic[F]):
             return self._items[name]
         except KeyError:
             where = f" ({self.key})" if self.key else ""
-            raise UnknownName(f"unknown {self.kind} {name!r}{where}; valid: "
-                              + ", ".join(self.names())) from None
+            raise UnknownName(
+                f"unknown {self.kind} {name!r}{where}; valid: " + ", ".join(self.names())
+            ) from None
 
     def names(self) -> list[str]:
         return list(self._items)

@@ -71,7 +71,7 @@ class Stage:
     packages: Callable[[Any], Iterable[str]] = lambda cfg: ()
     key_extra: Callable[[Any], dict] = lambda cfg: {}
     uses_iteration: bool = False  # reads ctx.iteration (seeds, prompt selection)
-    output_sub: str = ""          # sub-folder the output label points at (update: model/)
+    output_sub: str = ""  # sub-folder the output label points at (update: model/)
 
     def key_reads(self, cfg) -> dict[str, Any]:
         """{dotted key: value} of the config that decides the output."""
@@ -97,6 +97,7 @@ class Stage:
 
 
 # ------------------------------------------------------------------------ config access
+
 
 def get(cfg, dotted: str) -> Any:
     obj = cfg
@@ -139,7 +140,8 @@ class ConfigView:
             raise UndeclaredRead(
                 f"stage {self._stage!r} read config key '{key}' that its STAGE declaration "
                 "does not list (reads or ignores): add it there, so that the cache key "
-                "covers it")
+                "covers it"
+            )
         return value
 
     def __setattr__(self, name, value):
@@ -150,6 +152,7 @@ class ConfigView:
 
 
 # ------------------------------------------------------------------------ code digest
+
 
 def _module_file(name: str) -> Path | None:
     try:
@@ -168,7 +171,7 @@ def _imports(path: Path, module: str) -> set[str]:
     return _imports_of(str(path), module, st.st_mtime_ns, st.st_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _imports_of(path_s: str, module: str, mtime_ns: int, size: int) -> frozenset[str]:
     # Memoised per file version: every key computation walks the same few files.
     path = Path(path_s)
@@ -183,7 +186,7 @@ def _imports_of(path_s: str, module: str, mtime_ns: int, size: int) -> frozenset
             base = node.module or ""
             if node.level:
                 parent = package.split(".")
-                parent = parent[:len(parent) - node.level + 1]
+                parent = parent[: len(parent) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         for n in names:
@@ -211,7 +214,7 @@ def code_files(*modules: str) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -59,64 +59,134 @@ class Schema:
 I32, I64, F32, F64, STR = pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.string()
 IDS = pa.list_(I32)
 
-PROMPTS = Schema("prompts", (
-    Column("prompt_id", STR, "Unique id of the prompt (generated from the row number when the "
-                             "source has none)."),
-    Column("prompt", STR, "Prompt text, tokenized by the policy's tokenizer without special "
-                          "tokens beyond what the tokenizer adds."),
-), "One row per prompt. Other columns (e.g. `answer`) are kept and passed to reward functions.")
+PROMPTS = Schema(
+    "prompts",
+    (
+        Column(
+            "prompt_id",
+            STR,
+            "Unique id of the prompt (generated from the row number when the source has none).",
+        ),
+        Column(
+            "prompt",
+            STR,
+            "Prompt text, tokenized by the policy's tokenizer without special "
+            "tokens beyond what the tokenizer adds.",
+        ),
+    ),
+    "One row per prompt. Other columns (e.g. `answer`) are kept and passed to reward functions.",
+)
 
-ROLLOUTS = Schema("rollouts", (
-    Column("prompt_id", STR, "Id of the prompt this track answers."),
-    Column("prompt", STR, "Prompt text."),
-    Column("iteration", I32, "Online iteration that generated the track."),
-    Column("prompt_ids", IDS, "Token ids of the prompt (the context c_0 of every round-0 track)."),
-    Column("pair_id", I64, "Id of the pair, unique in the dataset; a prompt has group_size/2 pairs."),
-    Column("track_id", I64, "Id of the track, unique in the dataset."),
-    Column("parent_track_id", I64, "Track whose prefix this track inherited (the survivor); "
-                                   "null for round-0 tracks.", nullable=True),
-    Column("birth_round", I32, "Round in which the track was born: 0 for the pair's first two "
-                               "tracks, k for a track that inherited at the start of round k."),
-    Column("own_start", I32, "Index in `response_ids` where the track's own tokens begin; "
-                             "tokens before it were inherited (0 for round-0 tracks)."),
-    Column("response_ids", IDS, "Whole response token ids after the prompt: inherited prefix, "
-                                "then own tokens, ending with EOS unless finish_reason is "
-                                "`length`. Length <= max_new_tokens."),
-    Column("logprobs", pa.list_(F32), "Sampling log-prob of each response token under the "
-                                      "temperature-scaled policy; inherited tokens carry the "
-                                      "survivor's values.", len_of="response_ids"),
-    Column("finish_reason", STR, "`eos` (ended by EOS) or `length` (hit max_new_tokens)."),
-    Column("response", STR, "Decoded response text (special tokens skipped): what reward "
-                            "functions see as a completion."),
-), "One row per completed track.")
+ROLLOUTS = Schema(
+    "rollouts",
+    (
+        Column("prompt_id", STR, "Id of the prompt this track answers."),
+        Column("prompt", STR, "Prompt text."),
+        Column("iteration", I32, "Online iteration that generated the track."),
+        Column(
+            "prompt_ids", IDS, "Token ids of the prompt (the context c_0 of every round-0 track)."
+        ),
+        Column(
+            "pair_id",
+            I64,
+            "Id of the pair, unique in the dataset; a prompt has group_size/2 pairs.",
+        ),
+        Column("track_id", I64, "Id of the track, unique in the dataset."),
+        Column(
+            "parent_track_id",
+            I64,
+            "Track whose prefix this track inherited (the survivor); null for round-0 tracks.",
+            nullable=True,
+        ),
+        Column(
+            "birth_round",
+            I32,
+            "Round in which the track was born: 0 for the pair's first two "
+            "tracks, k for a track that inherited at the start of round k.",
+        ),
+        Column(
+            "own_start",
+            I32,
+            "Index in `response_ids` where the track's own tokens begin; "
+            "tokens before it were inherited (0 for round-0 tracks).",
+        ),
+        Column(
+            "response_ids",
+            IDS,
+            "Whole response token ids after the prompt: inherited prefix, "
+            "then own tokens, ending with EOS unless finish_reason is "
+            "`length`. Length <= max_new_tokens.",
+        ),
+        Column(
+            "logprobs",
+            pa.list_(F32),
+            "Sampling log-prob of each response token under the "
+            "temperature-scaled policy; inherited tokens carry the "
+            "survivor's values.",
+            len_of="response_ids",
+        ),
+        Column("finish_reason", STR, "`eos` (ended by EOS) or `length` (hit max_new_tokens)."),
+        Column(
+            "response",
+            STR,
+            "Decoded response text (special tokens skipped): what reward "
+            "functions see as a completion.",
+        ),
+    ),
+    "One row per completed track.",
+)
 
-SCORED = Schema("scored", ROLLOUTS.columns + (
-    Column("reward", F64, "Weighted sum of the reward functions; never NaN."),
-), "Rollouts plus `reward` and one `reward_<function>` column per reward function.")
+SCORED = Schema(
+    "scored",
+    ROLLOUTS.columns + (Column("reward", F64, "Weighted sum of the reward functions; never NaN."),),
+    "Rollouts plus `reward` and one `reward_<function>` column per reward function.",
+)
 
-UNITS = Schema("units", (
-    Column("unit_id", I64, "Id of the comparison unit, unique in the dataset."),
-    Column("prompt_id", STR, "Prompt the unit's members answer."),
-    Column("strategy", STR, "Pair strategy that built the unit: group, truncate or eqlen."),
-    Column("track_id", I64, "Track (rollouts row) this member's segment is cut from."),
-    Column("round", I32, "Round of the unit (0 for group and truncate)."),
-    Column("member", I32, "Position of the member in its unit (0..unit_size-1)."),
-    Column("unit_size", I32, "Members in the unit: group_size for group, 2 for pair strategies."),
-    Column("offset", I32, "Start of the segment within the track's `response_ids`."),
-    Column("segment_len", I32, "Tokens in the segment."),
-    Column("context_ids", IDS, "Token ids the segment is conditioned on: the prompt plus the "
-                               "track's response before `offset`."),
-    Column("segment_ids", IDS, "Token ids of the segment: response_ids[offset:offset+segment_len].",
-           len_of="segment_len"),
-    Column("old_logprobs", pa.list_(F32), "Sampling log-probs of the segment's tokens.",
-           len_of="segment_len"),
-    Column("loss_mask", pa.list_(pa.bool_()), "True where the token enters the loss.",
-           len_of="segment_len"),
-    Column("reward", F64, "Reward of the member's whole track."),
-    Column("advantage", F64, "Default advantage of the member (strategy's estimator)."),
-    Column("response_len", I32, "Length of the member's whole response (diagnostics)."),
-    Column("finish_reason", STR, "Finish reason of the member's track."),
-), "One row per unit member; self-contained, so a units dataset can be reused.")
+UNITS = Schema(
+    "units",
+    (
+        Column("unit_id", I64, "Id of the comparison unit, unique in the dataset."),
+        Column("prompt_id", STR, "Prompt the unit's members answer."),
+        Column("strategy", STR, "Pair strategy that built the unit: group, truncate or eqlen."),
+        Column("track_id", I64, "Track (rollouts row) this member's segment is cut from."),
+        Column("round", I32, "Round of the unit (0 for group and truncate)."),
+        Column("member", I32, "Position of the member in its unit (0..unit_size-1)."),
+        Column(
+            "unit_size", I32, "Members in the unit: group_size for group, 2 for pair strategies."
+        ),
+        Column("offset", I32, "Start of the segment within the track's `response_ids`."),
+        Column("segment_len", I32, "Tokens in the segment."),
+        Column(
+            "context_ids",
+            IDS,
+            "Token ids the segment is conditioned on: the prompt plus the "
+            "track's response before `offset`.",
+        ),
+        Column(
+            "segment_ids",
+            IDS,
+            "Token ids of the segment: response_ids[offset:offset+segment_len].",
+            len_of="segment_len",
+        ),
+        Column(
+            "old_logprobs",
+            pa.list_(F32),
+            "Sampling log-probs of the segment's tokens.",
+            len_of="segment_len",
+        ),
+        Column(
+            "loss_mask",
+            pa.list_(pa.bool_()),
+            "True where the token enters the loss.",
+            len_of="segment_len",
+        ),
+        Column("reward", F64, "Reward of the member's whole track."),
+        Column("advantage", F64, "Default advantage of the member (strategy's estimator)."),
+        Column("response_len", I32, "Length of the member's whole response (diagnostics)."),
+        Column("finish_reason", STR, "Finish reason of the member's track."),
+    ),
+    "One row per unit member; self-contained, so a units dataset can be reused.",
+)
 
 ALL = {s.name: s for s in (PROMPTS, ROLLOUTS, SCORED, UNITS)}
 
@@ -136,9 +206,13 @@ def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
     # Accept what Parquet writers commonly produce for the same values.
     if pa.types.is_integer(expected) and pa.types.is_integer(actual):
         return True
-    if pa.types.is_floating(expected) and (pa.types.is_floating(actual) or pa.types.is_integer(actual)):
+    if pa.types.is_floating(expected) and (
+        pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    ):
         return True
-    if pa.types.is_string(expected) and (pa.types.is_large_string(actual) or pa.types.is_string_view(actual)):
+    if pa.types.is_string(expected) and (
+        pa.types.is_large_string(actual) or pa.types.is_string_view(actual)
+    ):
         return True
     if pa.types.is_list(expected) and (pa.types.is_list(actual) or pa.types.is_large_list(actual)):
         return _type_ok(actual.value_type, expected.value_type)
@@ -148,26 +222,46 @@ def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
 def validate(table: pa.Table, schema: Schema, path: str | Path | None = None) -> pa.Table:
     """Check `table` against `schema`; return it cast to the schema's column types."""
     if table.num_rows == 0:
-        _fail(path, None, None, f"the {schema.name} dataset is empty",
-              "Check the stage that produced it (or the prompt source) and rerun it.")
+        _fail(
+            path,
+            None,
+            None,
+            f"the {schema.name} dataset is empty",
+            "Check the stage that produced it (or the prompt source) and rerun it.",
+        )
     names = set(table.column_names)
     for col in schema.columns:
         if col.name not in names:
-            _fail(path, col.name, None, f"missing column required by the {schema.name} schema "
-                  f"(present: {', '.join(table.column_names)})",
-                  f"Add it ({col.doc}) or regenerate the dataset with this version.")
+            _fail(
+                path,
+                col.name,
+                None,
+                f"missing column required by the {schema.name} schema "
+                f"(present: {', '.join(table.column_names)})",
+                f"Add it ({col.doc}) or regenerate the dataset with this version.",
+            )
         arr = table.column(col.name)
         if not (_type_ok(arr.type, col.type) or (col.nullable and pa.types.is_null(arr.type))):
-            _fail(path, col.name, None, f"has type {arr.type}, expected {col.type}",
-                  "Write the column with the expected type.")
+            _fail(
+                path,
+                col.name,
+                None,
+                f"has type {arr.type}, expected {col.type}",
+                "Write the column with the expected type.",
+            )
         if not col.nullable and arr.null_count:
             row = pc.index(pc.is_null(arr), True).as_py()
             _fail(path, col.name, row, "is null", "Every row needs a value in this column.")
         if pa.types.is_floating(col.type) and arr.null_count < len(arr):
             nan = pc.is_nan(arr.cast(F64))
             if pc.any(nan).as_py():
-                _fail(path, col.name, pc.index(nan, True).as_py(), "is NaN",
-                      "Fix the function or data that produced it; NaN cannot be trained on.")
+                _fail(
+                    path,
+                    col.name,
+                    pc.index(nan, True).as_py(),
+                    "is NaN",
+                    "Fix the function or data that produced it; NaN cannot be trained on.",
+                )
     cast = table.select([c.name for c in schema.columns]).cast(schema.arrow())
     for col in schema.columns:
         if col.len_of is None:
@@ -179,8 +273,13 @@ def validate(table: pa.Table, schema: Schema, path: str | Path | None = None) ->
         bad = pc.not_equal(lens.cast(I64), ref.cast(I64))
         if pc.any(bad).as_py():
             row = pc.index(bad, True).as_py()
-            _fail(path, col.name, row, f"has {lens[row].as_py()} values but '{col.len_of}' says "
-                  f"{ref[row].as_py()}", "The two must describe the same tokens; regenerate the row.")
+            _fail(
+                path,
+                col.name,
+                row,
+                f"has {lens[row].as_py()} values but '{col.len_of}' says {ref[row].as_py()}",
+                "The two must describe the same tokens; regenerate the row.",
+            )
     rest = [c for c in table.column_names if c not in {c.name for c in schema.columns}]
     out = cast
     for name in rest:
@@ -192,8 +291,13 @@ def check_finite(values, path: str | Path | None, column: str) -> None:
     """Raise naming the first row whose value is NaN or infinite."""
     for i, v in enumerate(values):
         if v is None or not math.isfinite(v):
-            _fail(path, column, i, f"is {v!r}", "Reward functions must return a finite float "
-                  "for every completion.")
+            _fail(
+                path,
+                column,
+                i,
+                f"is {v!r}",
+                "Reward functions must return a finite float for every completion.",
+            )
 
 
 def describe_markdown() -> str:

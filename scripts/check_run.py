@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from eqlen_testing.invariants import check_rollouts, check_units
-from pipeline import config
 from flows import cli
 from flows.runner import RunRecord
+from pipeline import config
 from pipeline.models import load_policy, load_tokenizer
 
 
@@ -37,7 +37,9 @@ def max_logprob_diff(model, rows: list[dict], temperature: float) -> float:
             lp = torch.log_softmax(model(ids).logits[0].float() / temperature, -1)
             p = len(r["prompt_ids"])
             for i in range(r["own_start"], len(r["response_ids"])):
-                worst = max(worst, abs(lp[p - 1 + i, r["response_ids"][i]].item() - r["logprobs"][i]))
+                worst = max(
+                    worst, abs(lp[p - 1 + i, r["response_ids"][i]].item() - r["logprobs"][i])
+                )
     return worst
 
 
@@ -68,21 +70,26 @@ def main() -> None:
         policy_dir = st["generate"]["inputs"]["policy"]["path"]
         eos_id = load_tokenizer(policy_dir).eos_token_id
         try:
-            check_rollouts(rollouts, rounds=g.rounds, max_new_tokens=g.max_new_tokens,
-                           eos_id=eos_id)
+            check_rollouts(
+                rollouts, rounds=g.rounds, max_new_tokens=g.max_new_tokens, eos_id=eos_id
+            )
             # The units' own strategy: an offline rerun may have changed it since config.yaml.
             strategy = units[0]["strategy"] if units else cfg.pair.strategy
             check_units(rollouts, units, None, strategy=strategy)
         except AssertionError as e:
             where = traceback.extract_tb(e.__traceback__)[-1]
-            raise SystemExit(f"iteration {it['index']}: invariant failed in {st['score']['path']}"
-                             f" / {st['pair']['path']}: {e or ''} (eqlen_testing/invariants.py line "
-                             f"{where.lineno}: {where.line})") from None
+            raise SystemExit(
+                f"iteration {it['index']}: invariant failed in {st['score']['path']}"
+                f" / {st['pair']['path']}: {e or ''} (eqlen_testing/invariants.py line "
+                f"{where.lineno}: {where.line})"
+            ) from None
         model = load_policy(policy_dir, torch.device("cpu"))
         diff = max_logprob_diff(model, rollouts, g.temperature)
-        print(f"iteration {it['index']}: invariants hold on {len(rollouts)} tracks and "
-              f"{len(units)} unit members; max |recorded - recomputed log-prob| {diff:.1e}",
-              flush=True)
+        print(
+            f"iteration {it['index']}: invariants hold on {len(rollouts)} tracks and "
+            f"{len(units)} unit members; max |recorded - recomputed log-prob| {diff:.1e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -35,21 +35,29 @@ class Track:
 
     def row(self, prompt_ids: list[list[int]]) -> dict:
         """The track as a rollouts-style dict (lineage, ids, log-probs), keyed by prompt index."""
-        return {"prompt_id": str(self.prompt_index), "prompt_ids": prompt_ids[self.prompt_index],
-                "pair_id": self.pair_id, "track_id": self.track_id,
-                "parent_track_id": self.parent_track_id, "birth_round": self.birth_round,
-                "own_start": self.own_start, "response_ids": self.response_ids,
-                "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        return {
+            "prompt_id": str(self.prompt_index),
+            "prompt_ids": prompt_ids[self.prompt_index],
+            "pair_id": self.pair_id,
+            "track_id": self.track_id,
+            "parent_track_id": self.parent_track_id,
+            "birth_round": self.birth_round,
+            "own_start": self.own_start,
+            "response_ids": self.response_ids,
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason,
+        }
 
 
 @dataclass
 class Stats:
     """Counters every engine keeps; engines add their own in a subclass."""
+
     steps: int = 0
-    forward_tokens: int = 0       # tokens fed through the model (prefill + decode, incl. idle rows)
-    prefill_tokens: int = 0       # prompt tokens prefilled (once per distinct prompt)
-    generated_tokens: int = 0     # tokens sampled for tracks (own tokens)
-    inherited_tokens: int = 0     # prefix tokens newcomers got without sampling them again
+    forward_tokens: int = 0  # tokens fed through the model (prefill + decode, incl. idle rows)
+    prefill_tokens: int = 0  # prompt tokens prefilled (once per distinct prompt)
+    generated_tokens: int = 0  # tokens sampled for tracks (own tokens)
+    inherited_tokens: int = 0  # prefix tokens newcomers got without sampling them again
 
     def add(self, other: Stats) -> None:
         for k, v in vars(other).items():
@@ -69,7 +77,9 @@ ENGINES: Registry = Registry("rollout engine", "generate.engine")
 
 def engine(name: str, **kw):
     """Register `fn` as the generate function of engine `name` (see the module docstring)."""
+
     def deco(fn):
         ENGINES.register(name)(Engine(fn, **kw))
         return fn
+
     return deco

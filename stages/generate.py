@@ -34,10 +34,19 @@ from stages.engine import ENGINES
 
 
 def reads(cfg: Config) -> tuple[str, ...]:
-    return ("seed", "generate.engine", "generate.group_size", "generate.rounds",
-            "generate.max_new_tokens", "generate.temperature", "generate.top_p",
-            "generate.top_k", "data.prompts_per_iteration", "data.max_prompt_tokens",
-            *ENGINES.get(cfg.generate.engine).reads)
+    return (
+        "seed",
+        "generate.engine",
+        "generate.group_size",
+        "generate.rounds",
+        "generate.max_new_tokens",
+        "generate.temperature",
+        "generate.top_p",
+        "generate.top_k",
+        "data.prompts_per_iteration",
+        "data.max_prompt_tokens",
+        *ENGINES.get(cfg.generate.engine).reads,
+    )
 
 
 def select_prompts(table: pa.Table, n: int, iteration: int, seed: int) -> pa.Table:
@@ -54,6 +63,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
     batch = select_prompts(prompts, cfg.data.prompts_per_iteration, ctx.iteration, cfg.seed)
     tokenizer = load_tokenizer(inputs["policy"])
+
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=True)["input_ids"]
 
@@ -64,18 +74,22 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
             raise schemas.SchemaError(
                 f"file {prompts_file}, column 'prompt', prompt_id {pid!r}: {len(ids)} tokens, more "
                 f"than data.max_prompt_tokens={cfg.data.max_prompt_tokens}. Shorten the prompt or "
-                "raise data.max_prompt_tokens.")
+                "raise data.max_prompt_tokens."
+            )
         if not ids:
             pid = batch.column("prompt_id")[i].as_py()
-            raise schemas.SchemaError(f"file {prompts_file}, column 'prompt', prompt_id {pid!r}: "
-                                      "the prompt tokenizes to nothing. Give it some text.")
+            raise schemas.SchemaError(
+                f"file {prompts_file}, column 'prompt', prompt_id {pid!r}: "
+                "the prompt tokenizes to nothing. Give it some text."
+            )
 
     t0 = time.perf_counter()
     engine = ENGINES.get(cfg.generate.engine)
     # The sync check's fixed sequence: the dataset's first prompt, the same every iteration.
     check_ids = encode(prompts.column("prompt")[0].as_py())
-    tracks, stats = engine.generate(inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer,
-                                    check_ids=check_ids)
+    tracks, stats = engine.generate(
+        inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer, check_ids=check_ids
+    )
     seconds = time.perf_counter() - t0
     tracks.sort(key=lambda t: t.track_id)
 
@@ -92,8 +106,10 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "response_ids": pa.array([t.response_ids for t in tracks], pa.list_(pa.int32())),
         "logprobs": pa.array([t.logprobs for t in tracks], pa.list_(pa.float32())),
         "finish_reason": pa.array([t.finish_reason for t in tracks], pa.string()),
-        "response": pa.array(tokenizer.batch_decode([t.response_ids for t in tracks],
-                                                    skip_special_tokens=True), pa.string()),
+        "response": pa.array(
+            tokenizer.batch_decode([t.response_ids for t in tracks], skip_special_tokens=True),
+            pa.string(),
+        ),
     }
     for name, arr in cols.items():
         table = table.append_column(name, arr)
@@ -109,16 +125,26 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "eos_fraction": float(np.mean([t.finish_reason == "eos" for t in tracks])),
         "tokens_per_s": float(stats["generated_tokens"] / max(seconds, 1e-9)),
         # The engine's own counters and figures (KV copies, prefix-cache hits, weight sync).
-        **{k: v for k, v in stats.items() if k not in ("generated_tokens", "forward_tokens",
-                                                        "steps")},
+        **{
+            k: v
+            for k, v in stats.items()
+            if k not in ("generated_tokens", "forward_tokens", "steps")
+        },
     }
     return {"rows": len(tracks), "metrics": metrics}
 
 
-STAGE = Stage(name="generate", version=1, inputs=("prompts", "policy"), output="rollouts",
-              reads=reads, packages=lambda cfg: ("torch", "transformers",
-                                                 *ENGINES.get(cfg.generate.engine).packages),
-              # What only changes where or how fast an engine samples: read, not in the key.
-              ignores=tuple(sorted({k for n in ENGINES.names() for k in ENGINES.get(n).ignores})),
-              implementation=lambda cfg: f"generate.{cfg.generate.engine}", run=run,
-              module=__name__, uses_iteration=True)
+STAGE = Stage(
+    name="generate",
+    version=1,
+    inputs=("prompts", "policy"),
+    output="rollouts",
+    reads=reads,
+    packages=lambda cfg: ("torch", "transformers", *ENGINES.get(cfg.generate.engine).packages),
+    # What only changes where or how fast an engine samples: read, not in the key.
+    ignores=tuple(sorted({k for n in ENGINES.names() for k in ENGINES.get(n).ignores})),
+    implementation=lambda cfg: f"generate.{cfg.generate.engine}",
+    run=run,
+    module=__name__,
+    uses_iteration=True,
+)

@@ -34,7 +34,7 @@ from stages.engine import Stats, Track, engine
 
 @dataclass
 class HFStats(Stats):
-    kv_copies: int = 0            # newcomers that copied their survivor's KV-cache rows
+    kv_copies: int = 0  # newcomers that copied their survivor's KV-cache rows
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -52,10 +52,22 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 @torch.no_grad()
-def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds: int,
-                  max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  eos_id: int, pad_id: int, generator: torch.Generator,
-                  first_track_id: int = 0, first_pair_id: int = 0) -> tuple[list[Track], HFStats]:
+def sample_tracks(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    group_size: int,
+    rounds: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+    first_track_id: int = 0,
+    first_pair_id: int = 0,
+) -> tuple[list[Track], HFStats]:
     """Sample `group_size` tracks per prompt in lock-step pairs; returns finished tracks."""
     device = next(model.parameters()).device
     n_prompts, stats = len(prompt_ids), HFStats()
@@ -63,13 +75,17 @@ def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds
     ids = torch.full((n_prompts, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n_prompts, width), dtype=torch.long)
     for i, p in enumerate(prompt_ids):  # left padding: every row ends at the same column
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
 
     # Prefill each distinct prompt once, then give each of its slots a copy of its rows.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
     stats.prefill_tokens = int(mask.sum())
     stats.forward_tokens = ids.numel()
     cache = out.past_key_values
@@ -89,7 +105,7 @@ def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds
                 next_id += 1
             next_pair += 1
     pair_round = [0] * (n_slots // 2)
-    live = [True] * n_slots          # slot holds a track still generating
+    live = [True] * n_slots  # slot holds a track still generating
     row_of_slot = list(range(n_slots))  # batch row of each slot (changes on compaction)
     finished: list[Track] = []
 
@@ -125,10 +141,16 @@ def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds
             if live[partner] and pair_round[pair] + 1 < rounds:
                 survivor = slot_track[partner]
                 pair_round[pair] += 1
-                slot_track[slot] = Track(next_id, survivor.pair_id, survivor.prompt_index,
-                                         survivor.track_id, pair_round[pair],
-                                         len(survivor.response_ids),
-                                         list(survivor.response_ids), list(survivor.logprobs))
+                slot_track[slot] = Track(
+                    next_id,
+                    survivor.pair_id,
+                    survivor.prompt_index,
+                    survivor.track_id,
+                    pair_round[pair],
+                    len(survivor.response_ids),
+                    list(survivor.response_ids),
+                    list(survivor.logprobs),
+                )
                 next_id += 1
                 live[slot] = True
                 copy_src[row_of_slot[slot]] = row_of_slot[partner]
@@ -157,8 +179,13 @@ def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds
                 feed[row_of_slot[slot]] = slot_track[slot].response_ids[-1]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
-        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=positions[:, None],
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=feed[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
         stats.forward_tokens += feed.numel()
@@ -167,8 +194,9 @@ def sample_tracks(model, prompt_ids: list[list[int]], *, group_size: int, rounds
 
 
 @engine("hf", ignores=("generate.batch_tracks", "generate.device"))
-def generate(policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer,
-             check_ids: list[int]) -> tuple[list[Track], dict]:
+def generate(
+    policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer, check_ids: list[int]
+) -> tuple[list[Track], dict]:
     """The engine contract (stages/engine.py) over `sample_tracks`, in chunks of
     `generate.batch_tracks` tracks."""
     g = cfg.generate
@@ -179,17 +207,28 @@ def generate(policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokeniz
     per_chunk = max(1, g.batch_tracks // g.group_size)
     tracks, totals = [], HFStats()
     for start in range(0, len(prompt_ids), per_chunk):
-        chunk = prompt_ids[start:start + per_chunk]
+        chunk = prompt_ids[start : start + per_chunk]
         got, st = sample_tracks(
-            model, chunk, group_size=g.group_size, rounds=g.rounds,
-            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-            top_k=g.top_k, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-            generator=gen, first_track_id=len(tracks),
-            first_pair_id=start * g.group_size // 2)
+            model,
+            chunk,
+            group_size=g.group_size,
+            rounds=g.rounds,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            generator=gen,
+            first_track_id=len(tracks),
+            first_pair_id=start * g.group_size // 2,
+        )
         for t in got:
             t.prompt_index += start
         tracks += got
         totals.add(st)
-        ctx.log(f"  generate: {min(start + per_chunk, len(prompt_ids))}/{len(prompt_ids)} prompts, "
-                f"{len(tracks)} tracks")
+        ctx.log(
+            f"  generate: {min(start + per_chunk, len(prompt_ids))}/{len(prompt_ids)} prompts, "
+            f"{len(tracks)} tracks"
+        )
     return tracks, vars(totals)

@@ -8,7 +8,8 @@ where `l` is the per-token surrogate of the algorithm and `w` the per-token weig
 loss aggregation. Writing the aggregation as an explicit weight tensor, computed once over
 the whole mini-batch before it is split into micro-batches, makes gradient accumulation
 exact (micro-batch gradients sum to the full-batch gradient) and makes `w` a diagnostic:
-it is what couples a token's gradient to the length of its response (docs/method.md and docs/objectives.md).
+it is what couples a token's gradient to the length of its response (docs/method.md and
+docs/objectives.md).
 
 Tensors: B sequences (unit members) of a mini-batch, L = its longest segment.
     mask        [B, L] bool   token enters the loss
@@ -43,6 +44,7 @@ PAIR_STRATEGIES = ("truncate", "eqlen")
 class Estimator:
     """An advantage estimator and the scaling it uses unless told otherwise
     (`update.scale_rewards=auto`). Called like its function."""
+
     fn: Callable[..., np.ndarray]
     scale: str
 
@@ -55,6 +57,7 @@ class Algorithm:
     """A policy-gradient objective: its per-token surrogate `loss` and the advantage
     estimator it pairs with (`update.advantage=auto`; that estimator's default scaling goes
     with it). Called like its loss."""
+
     loss: Callable[..., tuple[torch.Tensor, dict]]
     advantage: str
 
@@ -66,6 +69,7 @@ def algorithm(name: str, *, advantage: str):
     def deco(fn):
         ALGORITHMS.register(name)(Algorithm(fn, advantage))
         return fn
+
     return deco
 
 
@@ -73,7 +77,9 @@ def estimator(name: str, *, scale: str):
     def deco(fn):
         ADVANTAGES.register(name)(Estimator(fn, scale))
         return fn
+
     return deco
+
 
 # ---------------------------------------------------------------- loss aggregations
 # Signature: (mask, unit, *, max_new_tokens, alpha) -> w [B, L], zero where mask is False.
@@ -120,7 +126,8 @@ def unit_mean(mask, unit, **_) -> torch.Tensor:
     w[b,t] = 1 / (U * tokens of b's unit). For an EqLen unit of two m-token segments each
     token weighs 1 / (2 m U): both members equal, whatever m."""
     per_unit = torch.zeros(int(unit.max()) + 1, device=mask.device).index_add_(
-        0, unit, mask.float().sum(-1))
+        0, unit, mask.float().sum(-1)
+    )
     n_units = (per_unit > 0).sum().clamp(min=1)
     return mask.float() / (per_unit[unit][:, None].clamp(min=1) * n_units)
 
@@ -140,14 +147,16 @@ def _clip_stats(ratio, adv_tok, mask, clip_low, clip_high, log_ratio) -> dict:
     m = mask.float()
     n = m.sum().clamp(min=1)
     lr = log_ratio.detach()
-    low = (ratio < 1 - clip_low) & (adv_tok < 0)   # clipped at the lower bound
+    low = (ratio < 1 - clip_low) & (adv_tok < 0)  # clipped at the lower bound
     high = (ratio > 1 + clip_high) & (adv_tok > 0)  # clipped at the upper bound
-    return {"clipfrac_low": float((low.float() * m).sum() / n),
-            "clipfrac_high": float((high.float() * m).sum() / n),
-            "clipfrac": float(((low | high).float() * m).sum() / n),
-            "ratio_mean": float((ratio.detach() * m).sum() / n),
-            # k3 estimate of KL(old || new) per token: how far the policy moved.
-            "approx_kl": float(((torch.exp(lr) - 1 - lr) * m).sum() / n)}
+    return {
+        "clipfrac_low": float((low.float() * m).sum() / n),
+        "clipfrac_high": float((high.float() * m).sum() / n),
+        "clipfrac": float(((low | high).float() * m).sum() / n),
+        "ratio_mean": float((ratio.detach() * m).sum() / n),
+        # k3 estimate of KL(old || new) per token: how far the policy moved.
+        "approx_kl": float(((torch.exp(lr) - 1 - lr) * m).sum() / n),
+    }
 
 
 def _clipped(ratio, a, clip_low, clip_high, dual_clip):
@@ -162,8 +171,9 @@ def _clipped(ratio, a, clip_low, clip_high, dual_clip):
 
 
 @algorithm("grpo", advantage="grpo")
-def grpo_token_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
-                    dual_clip: float = 0.0, **_) -> tuple[torch.Tensor, dict]:
+def grpo_token_loss(
+    logp, old, adv, mask, *, clip_low: float, clip_high: float, dual_clip: float = 0.0, **_
+) -> tuple[torch.Tensor, dict]:
     """PPO/GRPO clipped surrogate, token-level ratio r = exp(logp - old):
     l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) (dual-clip: min(l, -A c) for A<0)."""
     ratio = torch.exp(logp - old)
@@ -186,8 +196,9 @@ def sequence_ratio(logp, old, mask) -> torch.Tensor:
 
 
 @algorithm("gspo", advantage="grpo")
-def gspo_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
-              dual_clip: float = 0.0, **_) -> tuple[torch.Tensor, dict]:
+def gspo_loss(
+    logp, old, adv, mask, *, clip_low: float, clip_high: float, dual_clip: float = 0.0, **_
+) -> tuple[torch.Tensor, dict]:
     """GSPO (Zheng et al. 2025): sequence-level ratio s_b over the member's segment, clipped
     at the sequence level: l_b = max(-A s_b, -A clip(s_b)), placed on every loss token of b
     (so with seq_mean_token_mean the objective is GSPO's mean over sequences). Use GSPO's
@@ -195,8 +206,14 @@ def gspo_loss(logp, old, adv, mask, *, clip_low: float, clip_high: float,
     s = sequence_ratio(logp, old, mask)
     seq_loss = _clipped(s, adv, clip_low, clip_high, dual_clip)
     loss = seq_loss[:, None].expand_as(logp)
-    st = _clip_stats(s.detach()[:, None].expand_as(logp), adv[:, None].expand_as(logp), mask,
-                     clip_low, clip_high, logp - old)
+    st = _clip_stats(
+        s.detach()[:, None].expand_as(logp),
+        adv[:, None].expand_as(logp),
+        mask,
+        clip_low,
+        clip_high,
+        logp - old,
+    )
     return loss, st
 
 
@@ -255,7 +272,7 @@ def _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale, eps, l
     size = sizes[unit]
     pos = np.empty(n, dtype=np.int64)  # position of each member within its unit
     pos[order] = np.arange(n) - np.repeat(starts, sizes)
-    first = order[starts]               # first member of each unit
+    first = order[starts]  # first member of each unit
     is_pair = pair_unit[first][unit]
 
     # Pair units: R_l - R_r against the std of *all* the prompt's rewards, one per track
@@ -264,60 +281,84 @@ def _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale, eps, l
     # bound. (A std over round-0 tracks only is 0 when they tie while a later round's pair
     # differs, and the advantage then explodes to (R_l - R_r) / eps.)
     partner = order[starts[unit] + size - 1 - pos]  # r[::-1] within the unit
-    _, once = np.unique(np.stack([prompt, np.asarray(track_id, dtype=np.int64)]), axis=1,
-                        return_index=True)
+    _, once = np.unique(
+        np.stack([prompt, np.asarray(track_id, dtype=np.int64)]), axis=1, return_index=True
+    )
     prompt_std = _per_group(rewards[once], prompt[once], n_prompts, _std)
     pair_centred, pair_std = rewards - rewards[partner], prompt_std[prompt[first]][unit]
 
     # Group units: R - mean (or leave-one-out mean) against the unit's own std.
     if loo:
         total = _per_group(rewards, unit, n_units, lambda m: m.sum(axis=1))[unit]
-        group_centred = np.where(size > 1, rewards - (total - rewards) / np.maximum(size - 1, 1),
-                                 rewards * 0)
+        group_centred = np.where(
+            size > 1, rewards - (total - rewards) / np.maximum(size - 1, 1), rewards * 0
+        )
     else:
-        group_centred = rewards - _per_group(rewards, unit, n_units,
-                                             lambda m: m.mean(axis=1))[unit]
+        group_centred = rewards - _per_group(rewards, unit, n_units, lambda m: m.mean(axis=1))[unit]
     group_std = _per_group(rewards, unit, n_units, _std)[unit]
 
     centred = np.where(is_pair, pair_centred, group_centred)
     if scale == "none":
         return centred
-    denom = np.where(is_pair, pair_std, group_std) + eps if scale == "group" else \
-        np.full(n, batch_std + eps)
+    denom = (
+        np.where(is_pair, pair_std, group_std) + eps
+        if scale == "group"
+        else np.full(n, batch_std + eps)
+    )
     # A zero std means equal rewards, so a zero numerator: the advantage is 0 (not 0/0 when
     # eps = 0).
     return np.divide(centred, denom, out=np.zeros(n), where=denom > 0)
 
 
 @estimator("grpo", scale="group")
-def grpo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="group",
-                    eps=1e-4) -> np.ndarray:
+def grpo_advantages(
+    rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="group", eps=1e-4
+) -> np.ndarray:
     """Group: A_i = (R_i - mean_unit) / (std_unit + eps) (`scale`: group | batch | none;
     TRL's scale_rewards). Pair units: A_l = (R_l - R_r) / (std of all the prompt's rewards,
     one per track, + eps), A_r = -A_l; |A| < sqrt(2 (n - 1)) for n tracks."""
-    return _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=eps,
-                     loo=False)
+    return _estimate(
+        rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=eps, loo=False
+    )
 
 
 @estimator("rloo", scale="none")
-def rloo_advantages(rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="none",
-                    eps=1e-4) -> np.ndarray:
+def rloo_advantages(
+    rewards, unit_id, prompt_id, track_id, pair_unit, *, scale="none", eps=1e-4
+) -> np.ndarray:
     """Leave-one-out: A_i = R_i - mean of the other members = G/(G-1) (R_i - mean).
     Pair units: A_l = R_l - R_r. Unscaled unless `scale` says otherwise."""
-    return _estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=eps,
-                     loo=True)
+    return _estimate(
+        rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=eps, loo=True
+    )
 
 
-def unit_advantages(rewards, unit_id, prompt_id, track_id, strategy, unit_size, *,
-                    estimator: str, scale: str = "auto", eps: float = 1e-4) -> np.ndarray:
+def unit_advantages(
+    rewards,
+    unit_id,
+    prompt_id,
+    track_id,
+    strategy,
+    unit_size,
+    *,
+    estimator: str,
+    scale: str = "auto",
+    eps: float = 1e-4,
+) -> np.ndarray:
     """Every unit member's advantage: the one place that decides it, for the pair stage's
     `advantage` column and for the update. A member of a two-member unit of a pair strategy
     gets the pair form; `scale="auto"` is the estimator's own default."""
     est = ADVANTAGES.get(estimator)
     pair_unit = np.isin(np.asarray(strategy), PAIR_STRATEGIES) & (np.asarray(unit_size) == 2)
-    return est(np.asarray(rewards), np.asarray(unit_id), np.asarray(prompt_id),
-               np.asarray(track_id), pair_unit, scale=est.scale if scale == "auto" else scale,
-               eps=eps)
+    return est(
+        np.asarray(rewards),
+        np.asarray(unit_id),
+        np.asarray(prompt_id),
+        np.asarray(track_id),
+        pair_unit,
+        scale=est.scale if scale == "auto" else scale,
+        eps=eps,
+    )
 
 
 def zero_signal(rewards, unit_id) -> np.ndarray:

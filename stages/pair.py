@@ -61,42 +61,60 @@ from pipeline.stage import Stage
 from stages.losses import unit_advantages, zero_signal
 
 STRATEGIES: Registry = Registry("pair strategy", "pair.strategy")
-READS = ("prompt_id", "prompt_ids", "pair_id", "track_id", "parent_track_id", "birth_round",
-         "own_start", "response_ids", "logprobs", "finish_reason", "reward")
+READS = (
+    "prompt_id",
+    "prompt_ids",
+    "pair_id",
+    "track_id",
+    "parent_track_id",
+    "birth_round",
+    "own_start",
+    "response_ids",
+    "logprobs",
+    "finish_reason",
+    "reward",
+)
 CHUNK_TOKENS = 1 << 24  # list values per output record batch: bounds the gather's memory
 
 
 @dataclass
 class Lineage:
     """What the strategies decide on, one entry per scored row (track); int64 arrays [n]."""
-    prompt: np.ndarray           # rank of prompt_id among the sorted distinct ids
+
+    prompt: np.ndarray  # rank of prompt_id among the sorted distinct ids
     pair_id: np.ndarray
     track_id: np.ndarray
     parent_track_id: np.ndarray  # 0 where has_parent is False
-    has_parent: np.ndarray       # bool
+    has_parent: np.ndarray  # bool
     birth_round: np.ndarray
     own_start: np.ndarray
     response_len: np.ndarray
 
     @classmethod
-    def of(cls, table: pa.Table) -> "Lineage":
+    def of(cls, table: pa.Table) -> Lineage:
         def ints(name: str) -> np.ndarray:
             return table.column(name).to_numpy().astype(np.int64)
+
         parent = table.column("parent_track_id")
         return cls(
-            prompt=_rank(table.column("prompt_id")), pair_id=ints("pair_id"),
+            prompt=_rank(table.column("prompt_id")),
+            pair_id=ints("pair_id"),
             track_id=ints("track_id"),
             parent_track_id=pc.fill_null(parent, 0).to_numpy().astype(np.int64),
             has_parent=pc.is_valid(parent).to_numpy(zero_copy_only=False),
-            birth_round=ints("birth_round"), own_start=ints("own_start"),
-            response_len=pc.list_value_length(table.column("response_ids")).to_numpy()
-            .astype(np.int64))
+            birth_round=ints("birth_round"),
+            own_start=ints("own_start"),
+            response_len=pc.list_value_length(table.column("response_ids"))
+            .to_numpy()
+            .astype(np.int64),
+        )
 
 
 @dataclass
 class Members:
     """Unit members in output order: member i is the segment
     response_ids[offset[i] : offset[i] + length[i]] of scored row row[i]. int64 arrays [M]."""
+
     row: np.ndarray
     unit_id: np.ndarray
     round: np.ndarray
@@ -124,10 +142,19 @@ def _runs(sorted_keys: np.ndarray) -> np.ndarray:
 
 def _pair_members(a, b, unit_id, rnd, offset, length) -> Members:
     """Two-member units (a[i], b[i]) sharing unit id, round, offset and length."""
-    two = lambda x: np.repeat(np.broadcast_to(np.asarray(x, dtype=np.int64), a.shape), 2)
-    return Members(row=np.stack([a, b], axis=1).ravel(), unit_id=two(unit_id), round=two(rnd),
-                   member=np.tile(np.array([0, 1]), len(a)), unit_size=two(2),
-                   offset=two(offset), length=two(length))
+
+    def two(x):
+        return np.repeat(np.broadcast_to(np.asarray(x, dtype=np.int64), a.shape), 2)
+
+    return Members(
+        row=np.stack([a, b], axis=1).ravel(),
+        unit_id=two(unit_id),
+        round=two(rnd),
+        member=np.tile(np.array([0, 1]), len(a)),
+        unit_size=two(2),
+        offset=two(offset),
+        length=two(length),
+    )
 
 
 @STRATEGIES.register("group")
@@ -138,9 +165,15 @@ def group_units(lin: Lineage, cfg: Config) -> Members:
     unit = _runs(lin.prompt[rows])
     sizes = np.bincount(unit)
     zero = np.zeros(len(rows), dtype=np.int64)
-    return Members(row=rows, unit_id=unit, round=zero,
-                   member=np.arange(len(rows)) - (np.cumsum(sizes) - sizes)[unit],
-                   unit_size=sizes[unit], offset=zero, length=lin.response_len[rows])
+    return Members(
+        row=rows,
+        unit_id=unit,
+        round=zero,
+        member=np.arange(len(rows)) - (np.cumsum(sizes) - sizes)[unit],
+        unit_size=sizes[unit],
+        offset=zero,
+        length=lin.response_len[rows],
+    )
 
 
 def _first_pairs(lin: Lineage) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +186,8 @@ def _first_pairs(lin: Lineage) -> tuple[np.ndarray, np.ndarray]:
         i = int(np.flatnonzero(count != 2)[0])
         raise schemas.SchemaError(
             f"pair {pairs[i]}: {count[i]} round-0 tracks (birth_round 0), expected 2; the "
-            "rollouts' lineage is inconsistent. Regenerate them.")
+            "rollouts' lineage is inconsistent. Regenerate them."
+        )
     return rows[0::2], rows[1::2]
 
 
@@ -172,8 +206,10 @@ def _newcomer_finder(lin: Lineage, pair_of_row: np.ndarray):
     by_id = np.argsort(lin.track_id, kind="stable")
     ids = lin.track_id[by_id]
     if n > 1 and (dup := np.flatnonzero(ids[1:] == ids[:-1])).size:
-        raise schemas.SchemaError(f"track_id {ids[dup[0]]} appears more than once; track ids "
-                                  "must be unique in the dataset. Regenerate the rollouts.")
+        raise schemas.SchemaError(
+            f"track_id {ids[dup[0]]} appears more than once; track ids "
+            "must be unique in the dataset. Regenerate the rollouts."
+        )
     at = np.minimum(np.searchsorted(ids, lin.parent_track_id), max(n - 1, 0))
     parent_row = np.where(lin.has_parent & (ids[at] == lin.parent_track_id), by_id[at], -1)
 
@@ -187,11 +223,13 @@ def _newcomer_finder(lin: Lineage, pair_of_row: np.ndarray):
             raise schemas.SchemaError(
                 f"track {t}: another track of its pair also inherited from survivor "
                 f"{lin.parent_track_id[born[dup[0]]]} in round {k}; the rollouts' lineage is "
-                "inconsistent")
+                "inconsistent"
+            )
         query = pairs * n + survivors
         at = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
         hit = (keys[at] == query) if len(keys) else np.zeros(len(query), dtype=bool)
         return np.where(hit, born[at] if len(keys) else -1, -1)
+
     return find
 
 
@@ -209,8 +247,10 @@ def eqlen_units(lin: Lineage, cfg: Config) -> Members:
         m = np.minimum(la, lb) - offset
         if (m < 0).any():
             t = lin.track_id[b[np.flatnonzero(m < 0)[0]]]
-            raise schemas.SchemaError(f"track {t}: response_ids is shorter than its own_start; "
-                                      "the rollouts' lineage is inconsistent")
+            raise schemas.SchemaError(
+                f"track {t}: response_ids is shorter than its own_start; "
+                "the rollouts' lineage is inconsistent"
+            )
         rounds.append((pairs, np.full(len(pairs), rnd), a, b, offset, m))
         go = la != lb  # both ended on the same step: the pair is done
         survivor = np.where(la > lb, a, b)[go]
@@ -224,13 +264,16 @@ def eqlen_units(lin: Lineage, cfg: Config) -> Members:
             i = int(np.flatnonzero(bad)[0])
             raise schemas.SchemaError(
                 f"track {lin.track_id[newcomer[i]]}: own_start {lin.own_start[newcomer[i]]} but "
-                f"it inherited at offset {offset[i]}; the rollouts' lineage is inconsistent")
+                f"it inherited at offset {offset[i]}; the rollouts' lineage is inconsistent"
+            )
         a, b, rnd = survivor, newcomer, rnd + 1
-    pair, rnd, a, b, offset, m = ([np.concatenate(c) for c in zip(*rounds)] if rounds
-                                  else [np.zeros(0, dtype=np.int64)] * 6)
+    pair, rnd, a, b, offset, m = (
+        [np.concatenate(c) for c in zip(*rounds)] if rounds else [np.zeros(0, dtype=np.int64)] * 6
+    )
     order = np.lexsort((rnd, pair))  # units numbered pair by pair, round by round
-    return _pair_members(a[order], b[order], np.arange(len(order)), rnd[order], offset[order],
-                         m[order])
+    return _pair_members(
+        a[order], b[order], np.arange(len(order)), rnd[order], offset[order], m[order]
+    )
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -262,8 +305,9 @@ def units_table(scored: pa.Table, m: Members, strategy: str, advantage: np.ndarr
     schema = schemas.UNITS.arrow()
     tokens = np.cumsum(prompt_len[m.row] + m.offset + m.length)
     total = int(tokens[-1]) if len(tokens) else 0
-    cuts = np.unique(np.r_[0, np.searchsorted(tokens, np.arange(CHUNK_TOKENS, total, CHUNK_TOKENS)),
-                           len(m.row)])
+    cuts = np.unique(
+        np.r_[0, np.searchsorted(tokens, np.arange(CHUNK_TOKENS, total, CHUNK_TOKENS)), len(m.row)]
+    )
     batches = []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         row, off, length = m.row[lo:hi], m.offset[lo:hi], m.length[lo:hi]
@@ -271,28 +315,37 @@ def units_table(scored: pa.Table, m: Members, strategy: str, advantage: np.ndarr
         ctx_len = prompt_len[row] + off
         ctx_start = np.concatenate([[0], np.cumsum(ctx_len)])[:-1]
         ctx = np.empty(int(ctx_len.sum()), dtype=resp_vals.dtype)
-        ctx[_ranges(ctx_start, prompt_len[row])] = prompt_vals[_ranges(prompt_start[row],
-                                                                       prompt_len[row])]
+        ctx[_ranges(ctx_start, prompt_len[row])] = prompt_vals[
+            _ranges(prompt_start[row], prompt_len[row])
+        ]
         ctx[_ranges(ctx_start + prompt_len[row], off)] = resp_vals[_ranges(resp_start[row], off)]
         seg = _ranges(resp_start[row] + off, length)
         seg_offsets = _offsets(length)
         take = pa.array(row)
         arrays = [
-            pa.array(m.unit_id[lo:hi]), scored.column("prompt_id").take(take).combine_chunks(),
-            pa.repeat(strategy, hi - lo), pa.array(track_id[row]),
-            pa.array(m.round[lo:hi].astype(np.int32)), pa.array(m.member[lo:hi].astype(np.int32)),
-            pa.array(m.unit_size[lo:hi].astype(np.int32)), pa.array(off.astype(np.int32)),
+            pa.array(m.unit_id[lo:hi]),
+            scored.column("prompt_id").take(take).combine_chunks(),
+            pa.repeat(strategy, hi - lo),
+            pa.array(track_id[row]),
+            pa.array(m.round[lo:hi].astype(np.int32)),
+            pa.array(m.member[lo:hi].astype(np.int32)),
+            pa.array(m.unit_size[lo:hi].astype(np.int32)),
+            pa.array(off.astype(np.int32)),
             pa.array(length.astype(np.int32)),
             pa.ListArray.from_arrays(_offsets(ctx_len), pa.array(ctx)),
             pa.ListArray.from_arrays(seg_offsets, pa.array(resp_vals[seg])),
             pa.ListArray.from_arrays(seg_offsets, pa.array(lp_vals[seg])),
             pa.ListArray.from_arrays(seg_offsets, pa.array(np.ones(len(seg), dtype=bool))),
-            pa.array(reward[row]), pa.array(advantage[lo:hi]),
+            pa.array(reward[row]),
+            pa.array(advantage[lo:hi]),
             pa.array(resp_len[row].astype(np.int32)),
             scored.column("finish_reason").take(take).combine_chunks(),
         ]
-        batches.append(pa.RecordBatch.from_arrays(
-            [a.cast(f.type) for a, f in zip(arrays, schema)], schema=schema))
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [a.cast(f.type) for a, f in zip(arrays, schema)], schema=schema
+            )
+        )
     return pa.Table.from_batches(batches, schema=schema)
 
 
@@ -300,9 +353,17 @@ def default_advantages(scored: pa.Table, lin: Lineage, m: Members, cfg: Config) 
     """The `grpo` estimator of stages/losses.py (group form for `group`, pair form for
     `truncate`/`eqlen`), scaled as `pair.scale_rewards` says."""
     reward = scored.column("reward").to_numpy()[m.row]
-    return unit_advantages(reward, m.unit_id, lin.prompt[m.row], lin.track_id[m.row],
-                           np.full(len(m.row), cfg.pair.strategy), m.unit_size,
-                           estimator="grpo", scale=cfg.pair.scale_rewards, eps=cfg.pair.eps)
+    return unit_advantages(
+        reward,
+        m.unit_id,
+        lin.prompt[m.row],
+        lin.track_id[m.row],
+        np.full(len(m.row), cfg.pair.strategy),
+        m.unit_size,
+        estimator="grpo",
+        scale=cfg.pair.scale_rewards,
+        eps=cfg.pair.eps,
+    )
 
 
 def build_table(scored: pa.Table, cfg: Config) -> pa.Table:
@@ -313,11 +374,14 @@ def build_table(scored: pa.Table, cfg: Config) -> pa.Table:
 
 
 def metrics(units: pa.Table, scored: pa.Table) -> dict:
-    own = (pc.list_value_length(scored.column("response_ids")).to_numpy().astype(np.int64)
-           - scored.column("own_start").to_numpy())
+    own = (
+        pc.list_value_length(scored.column("response_ids")).to_numpy().astype(np.int64)
+        - scored.column("own_start").to_numpy()
+    )
     tokens_generated = int(own.sum())
-    tokens_in_units = int(np.count_nonzero(
-        pc.list_flatten(units.column("loss_mask")).to_numpy(zero_copy_only=False)))
+    tokens_in_units = int(
+        np.count_nonzero(pc.list_flatten(units.column("loss_mask")).to_numpy(zero_copy_only=False))
+    )
     unit_id = units.column("unit_id").to_numpy()
     silent = zero_signal(units.column("reward").to_numpy(), unit_id)
     return {
@@ -350,13 +414,22 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     out_path = out_dir / "units.parquet"
     out = build_table(table, cfg)
     if out.num_rows == 0:
-        raise schemas.SchemaError(f"file {path}: strategy {cfg.pair.strategy!r} built no units "
-                                  "from these rollouts. Check generate.group_size and the data.")
+        raise schemas.SchemaError(
+            f"file {path}: strategy {cfg.pair.strategy!r} built no units "
+            "from these rollouts. Check generate.group_size and the data."
+        )
     out = schemas.validate(out, schemas.UNITS, out_path)
     pq.write_table(out, out_path)
     return {"rows": out.num_rows, "metrics": metrics(out, table)}
 
 
-STAGE = Stage(name="pair", version=1, inputs=("scored",), output="units",
-              reads=lambda cfg: ("pair.*",), implementation=lambda cfg: f"pair.{cfg.pair.strategy}",
-              run=run, module=__name__)
+STAGE = Stage(
+    name="pair",
+    version=1,
+    inputs=("scored",),
+    output="units",
+    reads=lambda cfg: ("pair.*",),
+    implementation=lambda cfg: f"pair.{cfg.pair.strategy}",
+    run=run,
+    module=__name__,
+)

@@ -26,6 +26,7 @@ as a number, within 1e-6 relative).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -93,23 +94,31 @@ def resolve(name: str):
     if name in REWARDS:
         return REWARDS.get(name)
     if ":" not in name:
-        raise UnknownName(f"unknown reward function {name!r} (score.reward_funcs); built-ins: "
-                          f"{', '.join(REWARDS.names())}; or give module:function")
+        raise UnknownName(
+            f"unknown reward function {name!r} (score.reward_funcs); built-ins: "
+            f"{', '.join(REWARDS.names())}; or give module:function"
+        )
     module, _, attr = name.partition(":")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise UnknownName(f"reward function {name!r}: cannot import module {module!r} ({e}); "
-                          "is it on PYTHONPATH?") from None
+        raise UnknownName(
+            f"reward function {name!r}: cannot import module {module!r} ({e}); is it on PYTHONPATH?"
+        ) from None
     except Exception as e:  # the module's own code failed while importing
-        raise UnknownName(f"reward function {name!r}: importing module {module!r} failed with "
-                          f"{type(e).__name__}: {e}{_where(e)}. Fix the module.") from None
+        raise UnknownName(
+            f"reward function {name!r}: importing module {module!r} failed with "
+            f"{type(e).__name__}: {e}{_where(e)}. Fix the module."
+        ) from None
     fn = getattr(mod, attr, None)
     if not callable(fn):
-        have = sorted(k for k, v in vars(mod).items()
-                      if inspect.isfunction(v) and not k.startswith("_"))
-        raise UnknownName(f"reward function {name!r}: module {module!r} has no callable {attr!r}"
-                          + (f"; its functions: {', '.join(have[:12])}" if have else ""))
+        have = sorted(
+            k for k, v in vars(mod).items() if inspect.isfunction(v) and not k.startswith("_")
+        )
+        raise UnknownName(
+            f"reward function {name!r}: module {module!r} has no callable {attr!r}"
+            + (f"; its functions: {', '.join(have[:12])}" if have else "")
+        )
     return fn
 
 
@@ -163,14 +172,15 @@ def column_names(names: list[str]) -> dict[str, str]:
     """{entry of score.reward_funcs: its column}; an entry listed twice is an error."""
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise RewardError(f"score.reward_funcs lists {', '.join(map(repr, twice))} more than "
-                          "once; give each function once (score.reward_weights weighs it)")
+        raise RewardError(
+            f"score.reward_funcs lists {', '.join(map(repr, twice))} more than "
+            "once; give each function once (score.reward_weights weighs it)"
+        )
     base = {n: column_name(n) for n in names}
     out = {}
     for n in names:
         clash = [m for m in names if base[m] == base[n]]
-        out[n] = "reward_" + _safe(n.replace(":", "_")) if len(clash) > 1 and ":" in n \
-            else base[n]
+        out[n] = "reward_" + _safe(n.replace(":", "_")) if len(clash) > 1 and ":" in n else base[n]
     seen: dict[str, int] = {}
     for n in names:  # still equal after adding the module (a.b:f, a_b:f): number them
         c = out[n]
@@ -182,8 +192,11 @@ def column_names(names: list[str]) -> dict[str, str]:
 
 def reward_columns(table: pa.Table) -> tuple[list[str], dict[str, list]]:
     """(completions, keyword columns) of the rollouts, as reward functions receive them."""
-    columns = {n: table.column(n).to_pylist() for n in table.column_names
-               if n not in ("response", "response_ids")}
+    columns = {
+        n: table.column(n).to_pylist()
+        for n in table.column_names
+        if n not in ("response", "response_ids")
+    }
     columns["prompts"] = columns.pop("prompt")
     columns["completion_ids"] = table.column("response_ids").to_pylist()
     return table.column("response").to_pylist(), columns
@@ -206,8 +219,7 @@ def placeholder_columns(prompts: pa.Table, rows: int = 2) -> tuple[list[str], di
             value = "eos" if col.name == "finish_reason" else ""
         else:
             value = 0
-        columns[col.name] = [list(value) if isinstance(value, list) else value
-                             for _ in range(n)]
+        columns[col.name] = [list(value) if isinstance(value, list) else value for _ in range(n)]
     columns["track_id"] = list(range(n))
     columns["pair_id"] = [i // 2 for i in range(n)]
     columns["prompts"] = columns.pop("prompt")
@@ -225,9 +237,12 @@ def _listing(columns: dict) -> str:
     would have to be added), then those every call has."""
     made = {c.name for c in schemas.ROLLOUTS.columns} | {"prompts", "completion_ids"}
     data = [c for c in columns if c not in made or c == "prompt_id"]
-    always = ["completions", "prompts", "completion_ids",
-              *(c for c in columns if c in made and c not in ("prompt_id", "prompts",
-                                                             "completion_ids"))]
+    always = [
+        "completions",
+        "prompts",
+        "completion_ids",
+        *(c for c in columns if c in made and c not in ("prompt_id", "prompts", "completion_ids")),
+    ]
     return f"{', '.join(data)} (from the prompt data); also {', '.join(always)}"
 
 
@@ -235,13 +250,17 @@ def _missing_message(name: str, cols: list[str], columns: dict, where: str) -> s
     s = "s" * (len(cols) > 1)
     listed = ", ".join(map(repr, cols))
     if name in REWARDS:  # a built-in: the data must change, not the function
-        return (f"built-in reward function {name!r} needs column{s} {listed} (the reference "
-                f"answer), missing from {where}; columns: {_listing(columns)}. Add "
-                f"{'them' if s else 'it'} to the prompt file (data.prompts), or use a reward "
-                "function of your own (module:function)")
-    return (f"reward function {name!r} looks up column{s} {listed}, missing from {where}; "
-            f"columns: {_listing(columns)}. Add {'them' if s else 'it'} to the prompt "
-            "file (data.prompts) or fix the function")
+        return (
+            f"built-in reward function {name!r} needs column{s} {listed} (the reference "
+            f"answer), missing from {where}; columns: {_listing(columns)}. Add "
+            f"{'them' if s else 'it'} to the prompt file (data.prompts), or use a reward "
+            "function of your own (module:function)"
+        )
+    return (
+        f"reward function {name!r} looks up column{s} {listed}, missing from {where}; "
+        f"columns: {_listing(columns)}. Add {'them' if s else 'it'} to the prompt "
+        "file (data.prompts) or fix the function"
+    )
 
 
 def _signature_problem(fn, columns: dict) -> str | None:
@@ -257,23 +276,38 @@ def _signature_problem(fn, columns: dict) -> str | None:
         pass
     params = sig.parameters.values()
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    missing = [p.name for p in params if p.default is p.empty and p.name not in columns
-               and p.name != "completions" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty
+        and p.name not in columns
+        and p.name != "completions"
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if missing:
-        return (f"needs column{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}, "
-                f"which the rollouts do not have; columns: {_listing(columns)}. Add "
-                f"{'them' if len(missing) > 1 else 'it'} to the prompt file (data.prompts) or "
-                "give the parameter a default")
+        return (
+            f"needs column{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}, "
+            f"which the rollouts do not have; columns: {_listing(columns)}. Add "
+            f"{'them' if len(missing) > 1 else 'it'} to the prompt file (data.prompts) or "
+            "give the parameter a default"
+        )
     if not takes_any:
-        return (f"must accept every column as a keyword argument: declare it as "
-                f"`def {getattr(fn, '__name__', 'fn')}(completions, **kwargs)` (columns passed: "
-                f"{_listing(columns)})")
+        return (
+            f"must accept every column as a keyword argument: declare it as "
+            f"`def {getattr(fn, '__name__', 'fn')}(completions, **kwargs)` (columns passed: "
+            f"{_listing(columns)})"
+        )
     return None
 
 
 def _missing_column(e: BaseException, columns: dict) -> str | None:
-    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) \
-            and e.args[0] not in columns and e.args[0] != "completions":
+    if (
+        isinstance(e, KeyError)
+        and len(e.args) == 1
+        and isinstance(e.args[0], str)
+        and e.args[0] not in columns
+        and e.args[0] != "completions"
+    ):
         return e.args[0]
     return None
 
@@ -292,8 +326,14 @@ def check_reward(name: str, fn, completions: list[str], columns: dict) -> None:
         try:
             out = fn(completions=list(completions), **{k: list(v) for k, v in trial.items()})
         except Exception as e:  # noqa: BLE001 - user code; only a missing column counts here
-            key = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 \
-                and isinstance(e.args[0], str) and e.args[0] != "completions" else None
+            key = (
+                e.args[0]
+                if isinstance(e, KeyError)
+                and len(e.args) == 1
+                and isinstance(e.args[0], str)
+                and e.args[0] != "completions"
+                else None
+            )
             if key is None:
                 break
             if key in trial:  # supplying it did not cure it: not a lookup of a column
@@ -304,18 +344,24 @@ def check_reward(name: str, fn, completions: list[str], columns: dict) -> None:
             trial[key] = [""] * n
             continue
         if not missing:  # what it returns must be n numbers whatever the completions
-            try:
-                _values(name, out, n, columns, "a trial call on the first prompts with empty "
-                        "completions", "reward")
-            except schemas.SchemaError:  # NaN/None on empty completions may be legitimate
-                pass
+            # NaN/None on empty completions may be legitimate: only the count and type count.
+            with contextlib.suppress(schemas.SchemaError):
+                _values(
+                    name,
+                    out,
+                    n,
+                    columns,
+                    "a trial call on the first prompts with empty completions",
+                    "reward",
+                )
         break
     if missing:
         raise RewardError(_missing_message(name, missing, columns, "the prompt data") + ".")
 
 
-def call_reward(name: str, fn, completions: list[str], columns: dict, where: str | Path,
-                column: str) -> list[float]:
+def call_reward(
+    name: str, fn, completions: list[str], columns: dict, where: str | Path, column: str
+) -> list[float]:
     """Call one reward function on every row; any failure is a RewardError naming the
     function, the exception and the first failing row."""
     n = len(completions)
@@ -340,8 +386,9 @@ def _failure(name, fn, e: Exception, completions, columns, where) -> RewardError
         except Exception:  # noqa: BLE001 - got past the lookup: it was a column
             pass
     if col is not None:
-        return RewardError(_missing_message(name, [col], columns, f"the rollouts ({where})")
-                           + " (KeyError).")
+        return RewardError(
+            _missing_message(name, [col], columns, f"the rollouts ({where})") + " (KeyError)."
+        )
     what = f"{type(e).__name__}: {e}{_where(e)}"
     # Find the first failing row: call the function on each row alone (bounded in time).
     n, t0 = len(completions), time.monotonic()
@@ -349,27 +396,37 @@ def _failure(name, fn, e: Exception, completions, columns, where) -> RewardError
         if time.monotonic() - t0 > 10:
             break
         try:
-            fn(completions=completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+            fn(completions=completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
         except Exception as e1:  # noqa: BLE001
             text = completions[i] if len(completions[i]) <= 60 else completions[i][:57] + "..."
-            return RewardError(f"reward function {name!r} raised {type(e1).__name__}: {e1}"
-                               f"{_where(e1)} at {_row(columns, i)} of {where}, completion "
-                               f"{text!r}. Fix the function: it must return a number for "
-                               "every completion.")
-    return RewardError(f"reward function {name!r} raised {what} on the {n} completions of "
-                       f"{where}" + (" (no single row fails alone)" if n > 1 else "")
-                       + ". Fix the function.")
+            return RewardError(
+                f"reward function {name!r} raised {type(e1).__name__}: {e1}"
+                f"{_where(e1)} at {_row(columns, i)} of {where}, completion "
+                f"{text!r}. Fix the function: it must return a number for "
+                "every completion."
+            )
+    return RewardError(
+        f"reward function {name!r} raised {what} on the {n} completions of "
+        f"{where}" + (" (no single row fails alone)" if n > 1 else "") + ". Fix the function."
+    )
 
 
 def _values(name, raw, n, columns, where, column) -> list[float]:
-    if raw is None or isinstance(raw, (str, bytes, dict, int, float)) \
-            or not hasattr(raw, "__iter__"):
-        raise RewardError(f"reward function {name!r} returned {type(raw).__name__} "
-                          f"{_short(raw)}, not a list of {n} numbers (one per completion)")
+    if (
+        raw is None
+        or isinstance(raw, (str, bytes, dict, int, float))
+        or not hasattr(raw, "__iter__")
+    ):
+        raise RewardError(
+            f"reward function {name!r} returned {type(raw).__name__} "
+            f"{_short(raw)}, not a list of {n} numbers (one per completion)"
+        )
     values = list(raw)
     if len(values) != n:
-        raise RewardError(f"reward function {name!r} returned {len(values)} values for "
-                          f"{n} completions in {where}; return one per completion")
+        raise RewardError(
+            f"reward function {name!r} returned {len(values)} values for "
+            f"{n} completions in {where}; return one per completion"
+        )
     out = []
     for i, v in enumerate(values):
         if v is None:
@@ -384,9 +441,11 @@ def _values(name, raw, n, columns, where, column) -> list[float]:
             except (TypeError, ValueError):
                 bad = True
         if bad:
-            raise RewardError(f"reward function {name!r} returned {type(v).__name__} "
-                              f"{_short(v)} at {_row(columns, i)} of {where}; return a number "
-                              "(int or float) per completion")
+            raise RewardError(
+                f"reward function {name!r} returned {type(v).__name__} "
+                f"{_short(v)} at {_row(columns, i)} of {where}; return a number "
+                "(int or float) per completion"
+            )
         out.append(v)
     schemas.check_finite(out, f"{where} (reward function {name!r})", column)
     return out
@@ -423,16 +482,19 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     lens = np.array([len(r) for r in table.column("response_ids").to_pylist()])[first]
     total = total[first]
     correct = total >= cfg.score.correct_threshold
-    metrics.update({
-        "reward_mean": float(total.mean()),
-        "reward_std": float(total.std()),
-        "accuracy": float(correct.mean()),
-        "mean_len_correct": float(lens[correct].mean()) if correct.any() else None,
-        "mean_len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
-        "mean_response_len": float(lens.mean()),
-        **within_prompt_gap(np.asarray(table.column("prompt_id").to_pylist())[first], lens,
-                            correct),
-    })
+    metrics.update(
+        {
+            "reward_mean": float(total.mean()),
+            "reward_std": float(total.std()),
+            "accuracy": float(correct.mean()),
+            "mean_len_correct": float(lens[correct].mean()) if correct.any() else None,
+            "mean_len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
+            "mean_response_len": float(lens.mean()),
+            **within_prompt_gap(
+                np.asarray(table.column("prompt_id").to_pylist())[first], lens, correct
+            ),
+        }
+    )
     return {"rows": table.num_rows, "metrics": metrics}
 
 
@@ -451,6 +513,14 @@ def within_prompt_gap(prompt_ids: np.ndarray, lens: np.ndarray, correct: np.ndar
     return {"len_gap": float((len_bad - len_ok).mean()), "len_gap_prompts": int(both.sum())}
 
 
-STAGE = Stage(name="score", version=1, inputs=("rollouts",), output="scored",
-              reads=lambda cfg: ("score.*",), key_extra=reward_code,
-              implementation=lambda cfg: "score.rewards", run=run, module=__name__)
+STAGE = Stage(
+    name="score",
+    version=1,
+    inputs=("rollouts",),
+    output="scored",
+    reads=lambda cfg: ("score.*",),
+    key_extra=reward_code,
+    implementation=lambda cfg: "score.rewards",
+    run=run,
+    module=__name__,
+)

@@ -50,8 +50,12 @@ OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
 def reads(cfg: Config) -> tuple[str, ...]:
     keys = [k for k in expand(("update.*",), cfg) if k != "update.device"]
-    keys += ["seed", "generate.temperature", "generate.max_new_tokens",
-             "score.correct_threshold"]  # the length diagnostics split by correctness
+    keys += [
+        "seed",
+        "generate.temperature",
+        "generate.max_new_tokens",
+        "score.correct_threshold",
+    ]  # the length diagnostics split by correctness
     if cfg.update.lr_schedule != "constant":
         # Only a decaying schedule depends on the run's length; with `constant` an extended
         # run (--iterations 4 -> 5) serves iterations 0-3 from the cache.
@@ -63,12 +67,18 @@ def pad(seqs: list[list], value, dtype) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=dtype)
     for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=dtype)
+        out[i, : len(s)] = torch.tensor(s, dtype=dtype)
     return out
 
 
-def segment_logprobs(model, context: list[list[int]], segment: list[list[int]], pad_id: int,
-                     temperature: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_logprobs(
+    model,
+    context: list[list[int]],
+    segment: list[list[int]],
+    pad_id: int,
+    temperature: float,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [B, Lseg] (right-padded) of each segment given its context, and entropy."""
     seqs = [c + s for c, s in zip(context, segment)]
     ids = pad(seqs, pad_id, torch.long).to(device)
@@ -92,9 +102,17 @@ def advantages(cols: dict[str, list], cfg: Config) -> np.ndarray:
     name = ALGORITHMS.get(u.algorithm).advantage if u.advantage == "auto" else u.advantage
     if name == "units":
         return np.asarray(cols["advantage"], dtype=np.float64)
-    return losses.unit_advantages(cols["reward"], cols["unit_id"], cols["prompt_id"],
-                                  cols["track_id"], cols["strategy"], cols["unit_size"],
-                                  estimator=name, scale=u.scale_rewards, eps=u.eps)
+    return losses.unit_advantages(
+        cols["reward"],
+        cols["unit_id"],
+        cols["prompt_id"],
+        cols["track_id"],
+        cols["strategy"],
+        cols["unit_size"],
+        estimator=name,
+        scale=u.scale_rewards,
+        eps=u.eps,
+    )
 
 
 def zero_signal(cols: dict[str, list]) -> np.ndarray:
@@ -102,8 +120,17 @@ def zero_signal(cols: dict[str, list]) -> np.ndarray:
     return losses.zero_signal(cols["reward"], cols["unit_id"])
 
 
-def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: int, device, *,
-                       ref_model=None, record: list | None = None) -> dict:
+def minibatch_backward(
+    model,
+    cols: dict[str, list],
+    mb,
+    cfg: Config,
+    pad_id: int,
+    device,
+    *,
+    ref_model=None,
+    record: list | None = None,
+) -> dict:
     """Accumulate the gradient of one mini-batch (member indices `mb`) into model.grad.
 
     `cols` holds per-member lists: context_ids, segment_ids, old_logprobs, loss_mask,
@@ -117,24 +144,28 @@ def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: in
     mask = pad([cols["loss_mask"][i] for i in mb], False, torch.bool).to(device)
     _, unit = np.unique([cols["unit_id"][i] for i in mb], return_inverse=True)
     unit = torch.as_tensor(unit, device=device)
-    weights = LOSS_AGGS.get(u.loss_agg)(mask, unit, max_new_tokens=cfg.generate.max_new_tokens,
-                                        alpha=u.delta_l_alpha)
+    weights = LOSS_AGGS.get(u.loss_agg)(
+        mask, unit, max_new_tokens=cfg.generate.max_new_tokens, alpha=u.delta_l_alpha
+    )
     width = mask.shape[1]
     skip = cols.get("skip")
     active = np.array([i for i in range(len(mb)) if skip is None or not skip[mb[i]]], dtype=int)
     total, ent_sum, kl_sum = 0.0, 0.0, 0.0
-    stat_sums = dict.fromkeys(("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean",
-                               "approx_kl"), 0.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=bool(u.bf16 and torch.device(device).type == "cuda"))
+    stat_sums = dict.fromkeys(
+        ("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean", "approx_kl"), 0.0
+    )
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=bool(u.bf16 and torch.device(device).type == "cuda")
+    )
     for s in range(0, len(active), u.micro_batch_size):
-        pos = active[s:s + u.micro_batch_size]
+        pos = active[s : s + u.micro_batch_size]
         idx = [mb[p] for p in pos]
         ctx_ids = [cols["context_ids"][i] for i in idx]
         seg_ids = [cols["segment_ids"][i] for i in idx]
         with autocast:
-            logp, entropy = segment_logprobs(model, ctx_ids, seg_ids, pad_id,
-                                             cfg.generate.temperature, device)
+            logp, entropy = segment_logprobs(
+                model, ctx_ids, seg_ids, pad_id, cfg.generate.temperature, device
+            )
         # Pad to the mini-batch width so the precomputed weights line up.
         logp = F.pad(logp, (0, width - logp.shape[1]))
         if record is not None:
@@ -144,13 +175,15 @@ def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: in
         old = F.pad(old, (0, width - old.shape[1])).to(device)
         adv = torch.tensor([cols["advantage"][i] for i in idx], dtype=torch.float32, device=device)
         m, w = mask[pos], weights[pos]
-        tok_loss, st = algo(logp, old, adv, m, clip_low=u.clip_low, clip_high=u.clip_high,
-                            dual_clip=u.dual_clip)
+        tok_loss, st = algo(
+            logp, old, adv, m, clip_low=u.clip_low, clip_high=u.clip_high, dual_clip=u.dual_clip
+        )
         loss = (w * tok_loss * m).sum()
         if ref_model is not None and u.beta > 0:
             with torch.no_grad(), autocast:
-                ref, _ = segment_logprobs(ref_model, ctx_ids, seg_ids, pad_id,
-                                          cfg.generate.temperature, device)
+                ref, _ = segment_logprobs(
+                    ref_model, ctx_ids, seg_ids, pad_id, cfg.generate.temperature, device
+                )
             kl = k3_kl(logp, F.pad(ref, (0, width - ref.shape[1])))
             loss = loss + u.beta * (w * kl * m).sum()
             kl_sum += float((kl.detach() * m).sum())
@@ -170,9 +203,15 @@ def minibatch_backward(model, cols: dict[str, list], mb, cfg: Config, pad_id: in
             record.append((mb[p], weights[p, :n].tolist(), [0.0] * n))
     n_tok = float(mask[active].sum()) if len(active) else 0.0
     d = n_tok or 1.0
-    return {"loss": total, "entropy": ent_sum / d, "kl": kl_sum / d, "members": len(mb),
-            "forwarded": len(active), "tokens": int(n_tok),
-            **{k: v / d for k, v in stat_sums.items()}}
+    return {
+        "loss": total,
+        "entropy": ent_sum / d,
+        "kl": kl_sum / d,
+        "members": len(mb),
+        "forwarded": len(active),
+        "tokens": int(n_tok),
+        **{k: v / d for k, v in stat_sums.items()},
+    }
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -217,16 +256,35 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     u = cfg.update
     path = inputs["units"] / "units.parquet"
     units = schemas.validate(pq.read_table(path), schemas.UNITS, path)
-    cols = {c: units.column(c).to_pylist() for c in (
-        "unit_id", "prompt_id", "strategy", "track_id", "round", "member", "unit_size",
-        "context_ids", "segment_ids", "old_logprobs", "loss_mask", "reward", "advantage",
-        "response_len", "finish_reason", "segment_len")}
+    cols = {
+        c: units.column(c).to_pylist()
+        for c in (
+            "unit_id",
+            "prompt_id",
+            "strategy",
+            "track_id",
+            "round",
+            "member",
+            "unit_size",
+            "context_ids",
+            "segment_ids",
+            "old_logprobs",
+            "loss_mask",
+            "reward",
+            "advantage",
+            "response_len",
+            "finish_reason",
+            "segment_len",
+        )
+    }
     n = units.num_rows
     adv = advantages(cols, cfg)
     cols["advantage"] = adv.tolist()
     if u.mask_truncated:
-        cols["loss_mask"] = [[False] * len(m) if fr == "length" else m
-                             for m, fr in zip(cols["loss_mask"], cols["finish_reason"])]
+        cols["loss_mask"] = [
+            [False] * len(m) if fr == "length" else m
+            for m, fr in zip(cols["loss_mask"], cols["finish_reason"])
+        ]
     if u.skip_zero_signal and u.beta == 0:
         cols["skip"] = zero_signal(cols).tolist()
     correct = np.asarray(cols["reward"]) >= cfg.score.correct_threshold
@@ -256,62 +314,104 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
             for g in opt.param_groups:  # config wins over the stored hyper-parameters
                 g["lr"], g["weight_decay"] = lr, u.weight_decay
             opt.zero_grad(set_to_none=True)
-            st = minibatch_backward(model, cols, mb, cfg, tokenizer.pad_token_id, device,
-                                    ref_model=ref_model, record=record if epoch == 0 else None)
+            st = minibatch_backward(
+                model,
+                cols,
+                mb,
+                cfg,
+                tokenizer.pad_token_id,
+                device,
+                ref_model=ref_model,
+                record=record if epoch == 0 else None,
+            )
             if epoch == 0:
                 minibatch_of.update({int(i): mbi for i in mb})
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), u.max_grad_norm if u.max_grad_norm > 0 else float("inf"))
+                model.parameters(), u.max_grad_norm if u.max_grad_norm > 0 else float("inf")
+            )
             opt.step()
             tokens += st["tokens"]
-            steps.append({"epoch": epoch, "minibatch": mbi, "step": step0 + len(steps),
-                          "lr": lr, "grad_norm": float(grad_norm), **st})
-            ctx.log(f"  update: step {len(steps)} loss {st['loss']:+.4f} "
-                    f"grad_norm {float(grad_norm):.3f}")
+            steps.append(
+                {
+                    "epoch": epoch,
+                    "minibatch": mbi,
+                    "step": step0 + len(steps),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    **st,
+                }
+            )
+            ctx.log(
+                f"  update: step {len(steps)} loss {st['loss']:+.4f} "
+                f"grad_norm {float(grad_norm):.3f}"
+            )
     seconds = time.perf_counter() - t0
 
     model.eval()
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     torch.save(opt.state_dict(), out_dir / "model" / OPTIMIZER_FILE)
-    (out_dir / "model" / STATE_FILE).write_text(
-        json.dumps({"global_step": step0 + len(steps)}))
+    (out_dir / "model" / STATE_FILE).write_text(json.dumps({"global_step": step0 + len(steps)}))
     pq.write_table(pa.Table.from_pylist(steps), out_dir / "metrics.parquet")
     record.sort(key=lambda r: r[0])
-    pq.write_table(pa.table({
-        "unit_id": [cols["unit_id"][i] for i, _, _ in record],
-        "track_id": [cols["track_id"][i] for i, _, _ in record],
-        "member": [cols["member"][i] for i, _, _ in record],
-        "minibatch": [minibatch_of[i] for i, _, _ in record],
-        "forwarded": [not cols.get("skip", [False] * n)[i] for i, _, _ in record],
-        "segment_len": [cols["segment_len"][i] for i, _, _ in record],
-        "response_len": [cols["response_len"][i] for i, _, _ in record],
-        "reward": [cols["reward"][i] for i, _, _ in record],
-        "advantage": [float(adv[i]) for i, _, _ in record],
-        "loss_mask": [cols["loss_mask"][i] for i, _, _ in record],
-        "agg_weight": pa.array([w for _, w, _ in record], pa.list_(pa.float64())),
-        "grad_weight": pa.array([g for _, _, g in record], pa.list_(pa.float64())),
-    }), out_dir / "token_weights.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "unit_id": [cols["unit_id"][i] for i, _, _ in record],
+                "track_id": [cols["track_id"][i] for i, _, _ in record],
+                "member": [cols["member"][i] for i, _, _ in record],
+                "minibatch": [minibatch_of[i] for i, _, _ in record],
+                "forwarded": [not cols.get("skip", [False] * n)[i] for i, _, _ in record],
+                "segment_len": [cols["segment_len"][i] for i, _, _ in record],
+                "response_len": [cols["response_len"][i] for i, _, _ in record],
+                "reward": [cols["reward"][i] for i, _, _ in record],
+                "advantage": [float(adv[i]) for i, _, _ in record],
+                "loss_mask": [cols["loss_mask"][i] for i, _, _ in record],
+                "agg_weight": pa.array([w for _, w, _ in record], pa.list_(pa.float64())),
+                "grad_weight": pa.array([g for _, _, g in record], pa.list_(pa.float64())),
+            }
+        ),
+        out_dir / "token_weights.parquet",
+    )
 
     def mean(key):
         return float(np.mean([s[key] for s in steps]))
+
     lens = np.asarray(cols["response_len"])
-    metrics = {"optimizer_steps": len(steps), "global_step": step0 + len(steps),
-               "lr": steps[-1]["lr"], "loss": steps[-1]["loss"], "grad_norm": mean("grad_norm"),
-               "entropy": mean("entropy"), "kl": mean("kl"), "clipfrac": mean("clipfrac"),
-               "clipfrac_low": mean("clipfrac_low"), "clipfrac_high": mean("clipfrac_high"),
-               "approx_kl": mean("approx_kl"),
-               "skipped_members": int(np.sum(cols.get("skip", [False] * n))),
-               "len_correct": float(lens[correct].mean()) if correct.any() else None,
-               "len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
-               **diagnostics(cols, adv, record, correct),
-               "tokens_trained": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-               "device": str(device)}
+    metrics = {
+        "optimizer_steps": len(steps),
+        "global_step": step0 + len(steps),
+        "lr": steps[-1]["lr"],
+        "loss": steps[-1]["loss"],
+        "grad_norm": mean("grad_norm"),
+        "entropy": mean("entropy"),
+        "kl": mean("kl"),
+        "clipfrac": mean("clipfrac"),
+        "clipfrac_low": mean("clipfrac_low"),
+        "clipfrac_high": mean("clipfrac_high"),
+        "approx_kl": mean("approx_kl"),
+        "skipped_members": int(np.sum(cols.get("skip", [False] * n))),
+        "len_correct": float(lens[correct].mean()) if correct.any() else None,
+        "len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
+        **diagnostics(cols, adv, record, correct),
+        "tokens_trained": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "device": str(device),
+    }
     return {"rows": n, "metrics": metrics}
 
 
-STAGE = Stage(name="update", version=2, inputs=("units", "policy", "reference"),
-              output="policy", output_sub="model", reads=reads, ignores=("update.device",),
-              packages=lambda cfg: ("torch", "transformers"),
-              implementation=lambda cfg: f"update.{cfg.update.algorithm}.{cfg.update.loss_agg}",
-              run=run, module=__name__, uses_iteration=True)
+STAGE = Stage(
+    name="update",
+    version=2,
+    inputs=("units", "policy", "reference"),
+    output="policy",
+    output_sub="model",
+    reads=reads,
+    ignores=("update.device",),
+    packages=lambda cfg: ("torch", "transformers"),
+    implementation=lambda cfg: f"update.{cfg.update.algorithm}.{cfg.update.loss_agg}",
+    run=run,
+    module=__name__,
+    uses_iteration=True,
+)

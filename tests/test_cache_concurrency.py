@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from eqlen_testing.cli import SMALL, eqlen_proc
 from pipeline import cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +49,27 @@ print(json.dumps({"manifest": manifest, "cached": cached}))
 """
 
 
-def start_writer(tmp_path: Path, folder: Path, *, sleep: float = 1.0, force: bool = False,
-                 name: str = "w") -> tuple[subprocess.Popen, Path]:
+def start_writer(
+    tmp_path: Path, folder: Path, *, sleep: float = 1.0, force: bool = False, name: str = "w"
+) -> tuple[subprocess.Popen, Path]:
     inside = tmp_path / f"inside-{name}"
-    p = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(tmp_path / "log"),
-                          str(inside), str(tmp_path / "go"), str(sleep),
-                          "force" if force else "plain"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WRITER,
+            str(folder),
+            str(tmp_path / "log"),
+            str(inside),
+            str(tmp_path / "go"),
+            str(sleep),
+            "force" if force else "plain",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return p, inside
 
 
@@ -160,6 +175,7 @@ def write_sample(folder: Path, size: int = 4096) -> dict:
         (tmp / "model").mkdir()
         (tmp / "model" / "weights.bin").write_bytes(os.urandom(size))
         return {"rows": 1}
+
     manifest, cached = cache.get_or_write(folder, produce, {"stage": "pair"})
     assert not cached
     return manifest
@@ -182,8 +198,9 @@ def test_edit_with_same_size_is_detected(tmp_path):
     # An edited input is hashed as it is now, so downstream keys change.
     assert cache.input_digest(folder) != manifest["output_digest"]
     # The next non-forced write rebuilds it.
-    _, cached = cache.get_or_write(folder, lambda tmp: (tmp / "units.parquet").write_bytes(
-        b"c") and {}, {})
+    _, cached = cache.get_or_write(
+        folder, lambda tmp: (tmp / "units.parquet").write_bytes(b"c") and {}, {}
+    )
     assert not cached and (folder / "units.parquet").read_bytes() == b"c"
     assert cache.intact(folder) and leftovers(tmp_path) == []
 
@@ -250,9 +267,11 @@ def test_locked_excludes_threads_and_survives_a_deleted_lock_file(tmp_path):
     events = []
     with cache.locked(target) as lock:
         assert lock == target.parent / ".lock-run.json" and lock.is_file()
+
         def second() -> None:
             with cache.locked(target):
                 events.append("second")
+
         t = threading.Thread(target=second)
         t.start()
         time.sleep(0.3)
@@ -279,16 +298,6 @@ def test_write_keeps_its_callers_working(tmp_path):
 
 # --- end to end: two `eqlen` commands at once on one cache -------------------------------
 
-SMALL = ["--set", "data.demo_size=64", "--set", "data.prompts_per_iteration=4",
-         "--set", "generate.group_size=4", "--set", "generate.max_new_tokens=8"]
-
-
-def eqlen_proc(*args) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "eqlen"
-    env = dict(os.environ, EQLEN_THREADS="1")
-    return subprocess.Popen([str(exe), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
 
 def all_ok(procs: list[subprocess.Popen]) -> None:
     for p in procs:
@@ -313,8 +322,14 @@ def keys_of(run_dir: Path) -> list[dict[str, str]]:
 def test_two_runs_share_one_cache_at_once(prefect_server, tmp_path):
     shared = tmp_path / "shared-cache"
     runs = [tmp_path / "a", tmp_path / "b"]
-    all_ok([eqlen_proc("run", "--run-dir", d, "--iterations", 2, *SMALL,
-                       "--set", f"cache_dir={shared}") for d in runs])
+    all_ok(
+        [
+            eqlen_proc(
+                "run", "--run-dir", d, "--iterations", 2, *SMALL, "--set", f"cache_dir={shared}"
+            )
+            for d in runs
+        ]
+    )
     ka, kb = keys_of(runs[0]), keys_of(runs[1])
     assert ka == kb and len(ka) == 2 and all(len(it) == 4 for it in ka)
     # Each key was computed once: for every stage, one of the two runs served it from cache.
@@ -333,8 +348,20 @@ def test_two_runs_share_one_cache_at_once(prefect_server, tmp_path):
     units = output_of(runs[0], 0, "pair") / "units.parquet"
     original = units.read_bytes()
     units.write_bytes(original[:-9] + b"\0" * 5 + original[-4:])  # keep Parquet's footer magic
-    all_ok([eqlen_proc("run", "--run-dir", runs[0], "--iterations", 1, *SMALL,
-                       "--set", f"cache_dir={shared}")])
+    all_ok(
+        [
+            eqlen_proc(
+                "run",
+                "--run-dir",
+                runs[0],
+                "--iterations",
+                1,
+                *SMALL,
+                "--set",
+                f"cache_dir={shared}",
+            )
+        ]
+    )
     stages = json.loads((runs[0] / "run.json").read_text())["iterations"][0]["stages"]
     assert stages["score"]["cached"] and not stages["pair"]["cached"]
     assert units.read_bytes() == original and cache.verify(units.parent)
@@ -346,8 +373,9 @@ def test_two_forced_stage_reruns_at_once(prefect_server, tmp_path):
     d = tmp_path / "run"
     all_ok([eqlen_proc("run", "--run-dir", d, "--iterations", 1, *SMALL)])
     before = keys_of(d)
-    all_ok([eqlen_proc("stage", "pair", "--force", "--run-dir", d, "--iteration", 0)
-            for _ in range(2)])
+    all_ok(
+        [eqlen_proc("stage", "pair", "--force", "--run-dir", d, "--iteration", 0) for _ in range(2)]
+    )
     assert keys_of(d) == before
     assert cache.verify(output_of(d, 0, "pair"))
     assert leftovers(d / "cache") == [] and cache.sweep(d / "cache") == []

@@ -13,19 +13,32 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, stage
+from eqlen_testing.cli import eqlen
 from flows import runner
 from flows.report import show_data
+from pipeline import config, stage
 from stages import pair, score
 
 SPECS = {name: runner.stage_spec(name) for name in runner.STAGE_NAMES}
-DIGESTS = {"prompts": "p", "policy": "m", "reference": "m", "rollouts": "r", "scored": "s",
-           "units": "u"}
+DIGESTS = {
+    "prompts": "p",
+    "policy": "m",
+    "reference": "m",
+    "rollouts": "r",
+    "scored": "s",
+    "units": "u",
+}
 SPECIAL = {  # a valid other value where "+1" or "not" would not be one
-    "generate.group_size": 6, "generate.top_p": 0.9, "generate.vllm_max_model_len": 128,
-    "generate.vllm_block_size": 64, "generate.vllm_gpu_memory_utilization": 0.5,
-    "update.dual_clip": 3.0, "score.reward_funcs": ["numeric_match"],
-    "score.reward_weights": [2.0], "data.prompts": "prompts.jsonl", "model": "some/folder",
+    "generate.group_size": 6,
+    "generate.top_p": 0.9,
+    "generate.vllm_max_model_len": 128,
+    "generate.vllm_block_size": 64,
+    "generate.vllm_gpu_memory_utilization": 0.5,
+    "update.dual_clip": 3.0,
+    "score.reward_funcs": ["numeric_match"],
+    "score.reward_weights": [2.0],
+    "data.prompts": "prompts.jsonl",
+    "model": "some/folder",
     "cache_dir": "/tmp/elsewhere",
 }
 
@@ -57,8 +70,11 @@ def keys(cfg) -> dict[str, dict]:
     return {n: s.key_parts(cfg, {k: DIGESTS[k] for k in s.inputs}, 0) for n, s in SPECS.items()}
 
 
-@pytest.mark.parametrize("base", [[], ["generate.engine=vllm", "update.lr_schedule=cosine"]],
-                         ids=["defaults", "vllm+cosine"])
+@pytest.mark.parametrize(
+    "base",
+    [[], ["generate.engine=vllm", "update.lr_schedule=cosine"]],
+    ids=["defaults", "vllm+cosine"],
+)
 def test_every_config_field_changes_the_key_of_exactly_the_stages_that_read_it(base):
     """Walk every config key. Changing it changes the key of every stage whose declaration
     reads it and of no other; a key no stage reads is a run-level field (an input of the
@@ -70,22 +86,26 @@ def test_every_config_field_changes_the_key_of_exactly_the_stages_that_read_it(b
     for key, f, value, _ in config.leaves(cfg0):
         cfg1 = config.apply(config.load(None, base), {key: other_value(key, f, value)})
         after = keys(cfg1)
-        readers = {n for n, s in SPECS.items()
-                   if key in s.key_reads(cfg0) or key in s.key_reads(cfg1)}
+        readers = {
+            n for n, s in SPECS.items() if key in s.key_reads(cfg0) or key in s.key_reads(cfg1)
+        }
         changed = {n for n in SPECS if before[n] != after[n]}
         assert changed == readers, (key, changed, readers)
         if not readers:
             ignored = any(key in stage.expand(s.ignores, cfg0) for s in SPECS.values())
-            assert key in runner.RUN_FIELDS or ignored or key in CONDITIONAL, \
+            assert key in runner.RUN_FIELDS or ignored or key in CONDITIONAL, (
                 f"{key} is read by no stage: declare it in a STAGE or in runner.RUN_FIELDS"
+            )
 
 
 def test_update_key_has_iterations_only_under_a_decaying_schedule():
     def k(*o):
         return keys(config.load(None, list(o)))["update"]
+
     assert k("iterations=4") == k("iterations=5")
-    assert k("iterations=4", "update.lr_schedule=linear") != k("iterations=5",
-                                                                 "update.lr_schedule=linear")
+    assert k("iterations=4", "update.lr_schedule=linear") != k(
+        "iterations=5", "update.lr_schedule=linear"
+    )
     assert k("score.correct_threshold=0.5") != k()  # its length diagnostics split by it
 
 
@@ -94,6 +114,7 @@ def test_a_stage_cannot_read_config_it_does_not_declare(make_cfg, tmp_path, monk
 
     def sneaky(inputs, out, cfg, ctx):
         return {"rows": 0, "metrics": {"t": cfg.generate.temperature}}  # pair never declared it
+
     monkeypatch.setattr(pair, "STAGE", dataclasses.replace(pair.STAGE, run=sneaky))
     refs = {"scored": runner.Ref(str(tmp_path), "d")}
     with pytest.raises(stage.UndeclaredRead, match="generate.temperature"):
@@ -101,32 +122,43 @@ def test_a_stage_cannot_read_config_it_does_not_declare(make_cfg, tmp_path, monk
 
     def reads_iteration(inputs, out, cfg, ctx):
         return {"rows": ctx.iteration, "metrics": {}}  # score's key leaves the iteration out
+
     monkeypatch.setattr(score, "STAGE", dataclasses.replace(score.STAGE, run=reads_iteration))
     with pytest.raises(stage.UndeclaredRead, match="uses_iteration"):
-        runner.run_stage("score", cfg, tmp_path / "run", 0, {"rollouts": refs["scored"]},
-                         log=lambda m: None)
+        runner.run_stage(
+            "score", cfg, tmp_path / "run", 0, {"rollouts": refs["scored"]}, log=lambda m: None
+        )
 
 
 def test_code_digest_covers_every_project_module_a_stage_imports(monkeypatch):
     root = Path(runner.__file__).resolve().parents[1]
     files = {p.relative_to(root).as_posix() for p in stage.code_files("stages.update")}
-    assert {"stages/update.py", "stages/losses.py", "pipeline/models.py",
-            "schemas/__init__.py", "pipeline/registry.py"} <= files
+    assert {
+        "stages/update.py",
+        "stages/losses.py",
+        "pipeline/models.py",
+        "schemas/__init__.py",
+        "pipeline/registry.py",
+    } <= files
     assert "pipeline/config.py" not in files  # its values are in the key instead
     gen = {p.relative_to(root).as_posix() for p in stage.code_files("stages.generate")}
     assert {"stages/hf_engine.py", "stages/vllm_engine.py", "pipeline/models.py"} <= gen
     # Editing any of them (here: pipeline/models.py's bytes) changes the digest.
     before = stage.code_digest("stages.update")
     real = stage.file_digest
-    monkeypatch.setattr(stage, "file_digest", lambda p: real(p) + (
-        "edited" if Path(p).name == "models.py" else ""))
+    monkeypatch.setattr(
+        stage, "file_digest", lambda p: real(p) + ("edited" if Path(p).name == "models.py" else "")
+    )
     assert stage.code_digest("stages.update") != before
     assert stage.code_digest("stages.pair") == stage.code_digest("stages.pair")
 
 
 def _run(cfg, run_dir):
-    return runner.online(cfg, run_dir, call=lambda n, c, d, i, r, f: runner.run_stage(
-        n, c, d, i, r, force=f, log=lambda m: None))
+    return runner.online(
+        cfg,
+        run_dir,
+        call=lambda n, c, d, i, r, f: runner.run_stage(n, c, d, i, r, force=f, log=lambda m: None),
+    )
 
 
 def test_extending_a_run_serves_the_earlier_iterations_from_cache(make_cfg, tmp_path):
@@ -143,12 +175,21 @@ def test_extending_a_run_serves_the_earlier_iterations_from_cache(make_cfg, tmp_
 def test_offline_rerun_marks_downstream_stale_and_show_says_so(make_cfg, tmp_path):
     cfg = make_cfg("iterations=2")
     _run(cfg, tmp_path)
-    assert not any(s["stale"] for it in show_data(tmp_path)["iterations"]
-                   for s in it["stages"].values())
-    other = config.apply(config.load(None, base=runner.RunRecord(tmp_path).config()),
-                         overrides=["pair.strategy=truncate"])
-    runner.run_stage("pair", other, tmp_path, 0, runner.resolve_inputs("pair", other, tmp_path, 0),
-                     log=lambda m: None)
+    assert not any(
+        s["stale"] for it in show_data(tmp_path)["iterations"] for s in it["stages"].values()
+    )
+    other = config.apply(
+        config.load(None, base=runner.RunRecord(tmp_path).config()),
+        overrides=["pair.strategy=truncate"],
+    )
+    runner.run_stage(
+        "pair",
+        other,
+        tmp_path,
+        0,
+        runner.resolve_inputs("pair", other, tmp_path, 0),
+        log=lambda m: None,
+    )
     shown = show_data(tmp_path)["iterations"]
     flags = [{n: s["stale"] for n, s in it["stages"].items()} for it in shown]
     # update 0 trained on the group units; everything after it descends from that update.
@@ -156,10 +197,17 @@ def test_offline_rerun_marks_downstream_stale_and_show_says_so(make_cfg, tmp_pat
     assert all(flags[1].values())
     assert shown[0]["stages"]["pair"]["metrics"]["units"] != 4  # truncate: one unit per pair
     # Recomputing the update on the new units clears it for iteration 0.
-    runner.run_stage("update", other, tmp_path, 0,
-                     runner.resolve_inputs("update", other, tmp_path, 0), log=lambda m: None)
-    flags = [{n: s["stale"] for n, s in it["stages"].items()}
-             for it in show_data(tmp_path)["iterations"]]
+    runner.run_stage(
+        "update",
+        other,
+        tmp_path,
+        0,
+        runner.resolve_inputs("update", other, tmp_path, 0),
+        log=lambda m: None,
+    )
+    flags = [
+        {n: s["stale"] for n, s in it["stages"].items()} for it in show_data(tmp_path)["iterations"]
+    ]
     assert not any(flags[0].values()) and flags[1]["generate"]
 
 
@@ -186,12 +234,6 @@ def test_damaged_run_record_is_a_clear_error_and_run_rebuilds_it(make_cfg, tmp_p
     assert len(show_data(tmp_path)["iterations"]) == 1
 
 
-def eqlen(*args, env=None):
-    exe = Path(sys.executable).parent / "eqlen"
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, EQLEN_THREADS="1", **(env or {})), timeout=600)
-
-
 @pytest.mark.slow
 def test_a_copied_and_moved_run_dir_still_works(make_cfg, tmp_path):
     run = tmp_path / "run"
@@ -204,13 +246,19 @@ def test_a_copied_and_moved_run_dir_still_works(make_cfg, tmp_path):
     shown = json.loads(eqlen("show", copy, "--json").stdout)
     assert shown["run_dir"] == str(copy) and all(
         s["present"] and s["path"].startswith(str(copy))
-        for s in shown["iterations"][0]["stages"].values())
-    p = eqlen("stage", "pair", "--run-dir", copy, "--iteration", "0", "--set",
-              "pair.strategy=truncate")
+        for s in shown["iterations"][0]["stages"].values()
+    )
+    p = eqlen(
+        "stage", "pair", "--run-dir", copy, "--iteration", "0", "--set", "pair.strategy=truncate"
+    )
     assert p.returncode == 0, p.stderr
     root = Path(runner.__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "scripts" / "check_run.py"), str(copy)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(root / "scripts" / "check_run.py"), str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and "invariants hold" in p.stdout, p.stdout + p.stderr
 
 
@@ -241,7 +289,9 @@ def test_editing_a_reward_module_constant_reruns_score(make_cfg, tmp_path):
         assert p.returncode == 0, p.stderr
         e = runner.RunRecord(run).entry(0, "score")
         return "served from cache" in p.stdout, json.loads(
-            (Path(e["path"]) / "manifest.json").read_text())["metrics"]["reward_mean"]
+            (Path(e["path"]) / "manifest.json").read_text()
+        )["metrics"]["reward_mean"]
+
     cached, r02 = score_once()
     assert not cached
     assert score_once()[0]  # unchanged module: served from cache
@@ -261,11 +311,23 @@ def test_a_tampered_input_is_never_trained_on_silently(make_cfg, tmp_path):
     _run(cfg, tmp_path)
     units = Path(runner.RunRecord(tmp_path).entry(0, "pair")["path"]) / "units.parquet"
     t = pq.read_table(units)
-    pq.write_table(t.set_column(t.schema.get_field_index("advantage"), "advantage",
-                                pc.multiply(t.column("advantage"), -1.0)), units)
+    pq.write_table(
+        t.set_column(
+            t.schema.get_field_index("advantage"),
+            "advantage",
+            pc.multiply(t.column("advantage"), -1.0),
+        ),
+        units,
+    )
     with pytest.raises(runner.RunError, match="units.*modified after it was written"):
-        runner.run_stage("update", cfg, tmp_path, 0,
-                         runner.resolve_inputs("update", cfg, tmp_path, 0), log=lambda m: None)
+        runner.run_stage(
+            "update",
+            cfg,
+            tmp_path,
+            0,
+            runner.resolve_inputs("update", cfg, tmp_path, 0),
+            log=lambda m: None,
+        )
     h = _run(cfg, tmp_path)
     assert h[0]["score"].cached and not h[0]["pair"].cached and h[0]["update"].cached
 
@@ -280,7 +342,8 @@ def test_a_run_that_fails_leaves_the_last_good_record(make_cfg, tmp_path, monkey
     _run(make_cfg("iterations=1"), run)
     before = {f: (run / f).read_bytes() for f in ("config.yaml", "run.json")}
     (tmp_path / "bad_reward.py").write_text(
-        "def fn(completions, **kw):\n    raise RuntimeError('reward service down')\n")
+        "def fn(completions, **kw):\n    raise RuntimeError('reward service down')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(EqLenError, match="reward service down"):
         _run(make_cfg("iterations=2", "seed=3", "score.reward_funcs=[bad_reward:fn]"), run)

@@ -3,29 +3,20 @@ stage on any dataset folder (`--input`), reuse one units dataset across algorith
 with polars and `datasets`, and collect what no run needs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from flows import catalog
-from flows import runner
-
-
-def eqlen(*args, check=True):
-    exe = Path(sys.executable).parent / "eqlen"
-    p = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ, EQLEN_THREADS="1"), timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"eqlen {' '.join(map(str, args))} failed:\n{p.stdout}\n{p.stderr}")
-    return p
+from eqlen_testing.cli import eqlen
+from flows import catalog, runner
 
 
 def _run(cfg, run_dir):
-    return runner.online(cfg, run_dir, call=lambda n, c, d, i, r, f: runner.run_stage(
-        n, c, d, i, r, force=f, log=lambda m: None))
+    return runner.online(
+        cfg,
+        run_dir,
+        call=lambda n, c, d, i, r, f: runner.run_stage(n, c, d, i, r, force=f, log=lambda m: None),
+    )
 
 
 def test_datasets_lists_every_output_with_the_runs_that_use_it(make_cfg, tmp_path):
@@ -43,7 +34,9 @@ def test_datasets_lists_every_output_with_the_runs_that_use_it(make_cfg, tmp_pat
     assert sorted(r for d in by_stage["update"] for r in d.runs) == sorted([str(a), str(b)])
     assert all(d.rows and d.bytes > 0 and d.present for d in rows)
     assert {d.implementation for d in by_stage["update"]} == {
-        "update.grpo.seq_mean_token_mean", "update.gspo.seq_mean_token_mean"}
+        "update.grpo.seq_mean_token_mean",
+        "update.gspo.seq_mean_token_mean",
+    }
 
 
 def test_gc_removes_only_what_no_run_needs(make_cfg, tmp_path):
@@ -52,6 +45,7 @@ def test_gc_removes_only_what_no_run_needs(make_cfg, tmp_path):
     _run(make_cfg("iterations=3", f"cache_dir={shared}"), keep)
     _run(make_cfg("iterations=1", f"cache_dir={shared}", "seed=5"), gone)
     import shutil
+
     shutil.rmtree(gone)  # a run deleted by its user: its outputs are unreferenced now
     before = {d.path for d in catalog.datasets(shared)}
     young = catalog.gc(shared)  # everything is minutes old: kept (a run may not have recorded)
@@ -78,6 +72,7 @@ def test_input_runs_a_stage_on_any_dataset_folder_and_checks_its_schema(make_cfg
     # A colleague's copy of the units folder, trained in a fresh run directory.
     copy = tmp_path / "from-colleague"
     import shutil
+
     shutil.copytree(units, copy)
     fresh = tmp_path / "fresh"
     refs = runner.resolve_inputs("update", cfg, fresh, 0, {"units": copy})
@@ -87,6 +82,7 @@ def test_input_runs_a_stage_on_any_dataset_folder_and_checks_its_schema(make_cfg
     (tmp_path / "bad").mkdir()
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"unit_id": [1]}), tmp_path / "bad" / "units.parquet")
     with pytest.raises(Exception, match="units.parquet.*column"):
         runner.resolve_inputs("update", cfg, fresh, 0, {"units": tmp_path / "bad"})
@@ -99,17 +95,47 @@ def test_input_runs_a_stage_on_any_dataset_folder_and_checks_its_schema(make_cfg
 def test_the_readme_round_trip(prefect_server, tmp_path):
     """Make units once; train GRPO, GSPO and RLOO on the same units in three runs; open them
     in polars and `datasets`; list and collect the cache (the README's commands)."""
-    small = ["--set", "data.demo_size=64", "--set", "data.prompts_per_iteration=4",
-             "--set", "generate.group_size=4", "--set", "generate.max_new_tokens=8"]
+    small = [
+        "--set",
+        "data.demo_size=64",
+        "--set",
+        "data.prompts_per_iteration=4",
+        "--set",
+        "generate.group_size=4",
+        "--set",
+        "generate.max_new_tokens=8",
+    ]
     made = tmp_path / "runs" / "made"
-    eqlen("run", "--run-dir", made, "--iterations", 1, "--set", "pair.strategy=eqlen",
-          "--set", "generate.rounds=4", *small)
-    units = json.loads(eqlen("show", made, "--json").stdout)["iterations"][0]["stages"]["pair"]["path"]
+    eqlen(
+        "run",
+        "--run-dir",
+        made,
+        "--iterations",
+        1,
+        "--set",
+        "pair.strategy=eqlen",
+        "--set",
+        "generate.rounds=4",
+        *small,
+    )
+    units = json.loads(eqlen("show", made, "--json").stdout)["iterations"][0]["stages"]["pair"][
+        "path"
+    ]
     keys = set()
     for algo in ("grpo", "gspo", "rloo"):
-        out = eqlen("stage", "update", "--run-dir", tmp_path / "runs" / algo, "--input",
-                    f"units={units}", "--set", f"update.algorithm={algo}",
-                    "--set", "update.loss_agg=unit_mean", *small).stdout
+        out = eqlen(
+            "stage",
+            "update",
+            "--run-dir",
+            tmp_path / "runs" / algo,
+            "--input",
+            f"units={units}",
+            "--set",
+            f"update.algorithm={algo}",
+            "--set",
+            "update.loss_agg=unit_mean",
+            *small,
+        ).stdout
         assert "update (iteration 0) ran" in out
         shown = json.loads(eqlen("show", tmp_path / "runs" / algo, "--json").stdout)
         upd = shown["iterations"][0]["stages"]["update"]
@@ -119,10 +145,12 @@ def test_the_readme_round_trip(prefect_server, tmp_path):
 
     import datasets
     import polars as pl
+
     df = pl.read_parquet(Path(units) / "units.parquet")
     assert df["segment_len"].to_list() == [len(s) for s in df["segment_ids"].to_list()]
-    ds = datasets.load_dataset("parquet", data_files=str(Path(units) / "units.parquet"),
-                               split="train")
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(Path(units) / "units.parquet"), split="train"
+    )
     assert ds.num_rows == df.height and "advantage" in ds.column_names
 
     listed = json.loads(eqlen("datasets", made / "cache", "--json").stdout)

@@ -1,27 +1,13 @@
 """Smoke tests of the `eqlen` console script, as a user runs it (subprocesses, real Prefect)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from eqlen_testing.cli import SMALL, eqlen
+
 pytestmark = pytest.mark.flow
-
-SMALL = ["--set", "data.demo_size=64", "--set", "data.prompts_per_iteration=4",
-         "--set", "generate.group_size=4", "--set", "generate.max_new_tokens=8"]
-
-
-def eqlen(*args, check=True):
-    exe = Path(sys.executable).parent / "eqlen"
-    env = dict(os.environ, EQLEN_THREADS="1")
-    p = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"eqlen {' '.join(map(str, args))} failed:\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 def test_run_stage_show(prefect_server, tmp_path):
@@ -40,8 +26,13 @@ def test_run_stage_show(prefect_server, tmp_path):
             assert {"key", "path", "cached", "rows", "metrics"} <= set(s)
             assert Path(s["path"], "manifest.json").is_file()
     pair_metrics = shown["iterations"][1]["stages"]["pair"]["metrics"]
-    for k in ("units", "tokens_in_units", "tokens_generated", "effective_token_ratio",
-              "zero_signal_units"):
+    for k in (
+        "units",
+        "tokens_in_units",
+        "tokens_generated",
+        "effective_token_ratio",
+        "zero_signal_units",
+    ):
         assert k in pair_metrics
 
     # Offline rerun of one stage: only pair runs, others keep their records.

@@ -2,9 +2,9 @@
 
 import pytest
 
+from flows.runner import load_stages
 from pipeline import config
 from pipeline.config import ConfigError
-from flows.runner import load_stages
 
 # The registries (strategies, loss aggregations, ...) are known once the stages are imported,
 # as the command line does before it loads a config.
@@ -14,9 +14,15 @@ load_stages()
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("generate:\n  rounds: 4\n  temperature: 0.7\npair:\n  strategy: group\n")
-    cfg = config.load(f, ["generate.group_size=6", "update.lr=1e-4",
-                          "score.reward_funcs=[exact_match,numeric_match]",
-                          "score.reward_weights=[1, 0.5]"])
+    cfg = config.load(
+        f,
+        [
+            "generate.group_size=6",
+            "update.lr=1e-4",
+            "score.reward_funcs=[exact_match,numeric_match]",
+            "score.reward_weights=[1, 0.5]",
+        ],
+    )
     assert cfg.generate.rounds == 4 and cfg.generate.temperature == 0.7
     assert cfg.generate.group_size == 6 and cfg.update.lr == 1e-4
     assert cfg.score.reward_funcs == ["exact_match", "numeric_match"]
@@ -26,16 +32,19 @@ def test_defaults_and_overrides(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("generate.bogus=1", "valid keys in 'generate': batch_tracks, device, engine"),
-    ("nosuch=1", "valid keys at the top level:"),
-    ("pair.strategy=zigzag", "valid values: group"),
-    ("update.loss_agg=median", "valid values: seq_mean_token_mean, token_mean"),
-    ("generate.group_size=3", "group_size must be even"),
-    ("generate.group_size=two", "expected int, got 'two'"),
-    ("generate=3", "'generate' is a section"),
-    ("generate.rounds", "expects KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("generate.bogus=1", "valid keys in 'generate': batch_tracks, device, engine"),
+        ("nosuch=1", "valid keys at the top level:"),
+        ("pair.strategy=zigzag", "valid values: group"),
+        ("update.loss_agg=median", "valid values: seq_mean_token_mean, token_mean"),
+        ("generate.group_size=3", "group_size must be even"),
+        ("generate.group_size=two", "expected int, got 'two'"),
+        ("generate=3", "'generate' is a section"),
+        ("generate.rounds", "expects KEY=VALUE"),
+    ],
+)
 def test_bad_overrides_list_valid_choices(override, expected):
     with pytest.raises(ConfigError) as e:
         config.load(None, [override])
@@ -53,9 +62,18 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 def test_describe_covers_every_key():
     keys = {row[0] for row in config.describe()}
-    for k in ("generate.engine", "generate.group_size", "generate.rounds",
-              "generate.max_new_tokens", "generate.temperature", "pair.strategy",
-              "update.algorithm", "update.loss_agg", "update.lr", "seed"):
+    for k in (
+        "generate.engine",
+        "generate.group_size",
+        "generate.rounds",
+        "generate.max_new_tokens",
+        "generate.temperature",
+        "pair.strategy",
+        "update.algorithm",
+        "update.loss_agg",
+        "update.lr",
+        "seed",
+    ):
         assert k in keys
     assert all(row[3] for row in config.describe()), "every key is documented"
 
@@ -64,9 +82,13 @@ def test_generated_docs_are_current():
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "scripts" / "gen_docs.py"), "--check"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout
 
 
@@ -74,8 +96,11 @@ def test_config_imports_neither_torch_nor_the_stages():
     """The foundation floor: loading and validating a config needs no stage and no torch."""
     import subprocess
     import sys
-    code = ("import sys; from pipeline import config; c = config.load(None, ['generate.rounds=4']);"
-            " bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] in "
-            "('stages', 'flows')]; print(bad); sys.exit(1 if bad else 0)")
+
+    code = (
+        "import sys; from pipeline import config; c = config.load(None, ['generate.rounds=4']);"
+        " bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] in "
+        "('stages', 'flows')]; print(bad); sys.exit(1 if bad else 0)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -66,9 +66,17 @@ def test_tokenizer_one_token_per_digit_and_special_tokens(tok):
         assert tok.decode(ids, skip_special_tokens=True) == answer
     # No special tokens are added to prompts, whatever the caller asks for.
     p = encode_prompt(tok, "rev 4821=")
-    assert p == tok("rev 4821=")["input_ids"] == tok("rev 4821=", add_special_tokens=True)["input_ids"]
+    assert (
+        p == tok("rev 4821=")["input_ids"] == tok("rev 4821=", add_special_tokens=True)["input_ids"]
+    )
     assert not {PAD_ID, EOS_ID, BOS_ID} & set(p)
-    assert p[-5:] == [digit_ids[4], digit_ids[8], digit_ids[2], digit_ids[1], tok.convert_tokens_to_ids("=")]
+    assert p[-5:] == [
+        digit_ids[4],
+        digit_ids[8],
+        digit_ids[2],
+        digit_ids[1],
+        tok.convert_tokens_to_ids("="),
+    ]
     assert tok.decode(p) == "rev 4821="
 
 
@@ -85,7 +93,10 @@ def test_shipped_checkpoint_loads_and_matches_the_tokenizer(tok):
     assert model.config.vocab_size == len(shipped) == len(tok)
     assert shipped.get_vocab() == tok.get_vocab()
     assert (model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id) == (
-        EOS_ID, PAD_ID, BOS_ID)
+        EOS_ID,
+        PAD_ID,
+        BOS_ID,
+    )
     assert model.generation_config.eos_token_id == EOS_ID
     assert model.config.hidden_size // model.config.num_attention_heads >= 32
     assert not model.config.tie_word_embeddings
@@ -124,11 +135,11 @@ def test_sft_targets_mix_the_reversal_with_the_error_modes():
         if mode == "correct":
             assert target == answer
         elif mode == "ramble":
-            extra = target[len(answer):]
+            extra = target[len(answer) :]
             assert target.startswith(answer) and 1 <= len(extra) <= 4 and answer.endswith(extra)
         elif mode == "drop":
             assert len(target) == len(answer) - 1 >= 1
-            assert any(answer[:i] + answer[i + 1:] == target for i in range(len(answer)))
+            assert any(answer[:i] + answer[i + 1 :] == target for i in range(len(answer)))
         else:
             assert mode == "swap" and len(target) == len(answer)
             assert sum(a != b for a, b in zip(target, answer)) == 1

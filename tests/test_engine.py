@@ -18,12 +18,23 @@ def lm(policy_dir):
 
 def sample(lm, n_prompts, rounds, temperature=1.0, seed=0, max_new=12, group=8):
     model, tok = lm
-    prompts = [tok(p)["input_ids"] for p in
-               make_demo_prompts(n_prompts, seed=seed).column("prompt").to_pylist()]
+    prompts = [
+        tok(p)["input_ids"]
+        for p in make_demo_prompts(n_prompts, seed=seed).column("prompt").to_pylist()
+    ]
     tracks, stats = hf_engine.sample_tracks(
-        model, prompts, group_size=group, rounds=rounds, max_new_tokens=max_new,
-        temperature=temperature, top_p=1.0, top_k=0, eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(seed))
+        model,
+        prompts,
+        group_size=group,
+        rounds=rounds,
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return prompts, tracks, stats
 
 
@@ -39,11 +50,18 @@ def test_kv_copy_logprobs_match_recomputing_the_prefix(lm):
     assert stats.kv_copies > 0 and stats.inherited_tokens > 0
     check_rollouts(rows_of(prompts, tracks), rounds=4, max_new_tokens=12, eos_id=tok.eos_token_id)
     with torch.no_grad():
-        logp, _ = segment_logprobs(model, [prompts[t.prompt_index] for t in tracks],
-                                   [t.response_ids for t in tracks], tok.pad_token_id, 1.5, "cpu")
+        logp, _ = segment_logprobs(
+            model,
+            [prompts[t.prompt_index] for t in tracks],
+            [t.response_ids for t in tracks],
+            tok.pad_token_id,
+            1.5,
+            "cpu",
+        )
     for i, t in enumerate(tracks):
-        torch.testing.assert_close(logp[i, :len(t.logprobs)], torch.tensor(t.logprobs),
-                                   atol=2e-4, rtol=0)
+        torch.testing.assert_close(
+            logp[i, : len(t.logprobs)], torch.tensor(t.logprobs), atol=2e-4, rtol=0
+        )
 
 
 def test_rounds_one_gives_independent_pairs(lm):
@@ -67,7 +85,10 @@ def test_top_k_and_top_p_filters_by_hand():
     """probs 1/6, 2/6, 3/6: top_k=2 drops the first; top_p=0.5 keeps only the 3/6 token
     (mass before it 0 < 0.5), top_p=0.6 keeps 3/6 and 2/6 (mass before 2/6 is 0.5 < 0.6)."""
     logits = torch.log(torch.tensor([[1.0, 2.0, 3.0]]))
-    keep = lambda x: torch.isfinite(x)[0].tolist()
+
+    def keep(x):
+        return torch.isfinite(x)[0].tolist()
+
     assert keep(hf_engine._filter_logits(logits, 2, 1.0)) == [False, True, True]
     assert keep(hf_engine._filter_logits(logits, 0, 0.5)) == [False, False, True]
     assert keep(hf_engine._filter_logits(logits, 0, 0.6)) == [False, True, True]

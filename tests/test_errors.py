@@ -23,25 +23,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import config
+from eqlen_testing.cli import SMALL as cli_small
+from eqlen_testing.cli import eqlen as run_eqlen
 from flows import runner
+from pipeline import config
 from pipeline.errors import EqLenError
 
-EXE = Path(sys.executable).parent / "eqlen"
-SMALL = ["--iterations", "1", "--set", "data.demo_size=64", "--set",
-         "data.prompts_per_iteration=4", "--set", "generate.group_size=4", "--set",
-         "generate.max_new_tokens=8"]
+SMALL = ["--iterations", "1", *cli_small]
 DEAD_API = "http://127.0.0.1:9/api"  # nothing listens: a command must fail before Prefect
 
 
 def eqlen(*args, pythonpath: Path | None = None, prefect: bool = False):
-    env = dict(os.environ, EQLEN_THREADS="1")
-    if not prefect:
-        env["PREFECT_API_URL"] = DEAD_API
+    env = {} if prefect else {"PREFECT_API_URL": DEAD_API}
     if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])
+    return run_eqlen(*args, env=env, check=False)
 
 
 def assert_clear(p, *needles: str, max_lines: int = 6) -> str:
@@ -64,8 +60,9 @@ def existing_run(tmp_path):
     cfg = config.to_dict(config.load(None, []))
     (d / "config.yaml").write_text("seed: 0\n")
     (d / "run.json").write_text(json.dumps({"config": cfg, "iterations": []}))
-    before = {f: ((d / f).read_bytes(), (d / f).stat().st_mtime_ns)
-              for f in ("config.yaml", "run.json")}
+    before = {
+        f: ((d / f).read_bytes(), (d / f).stat().st_mtime_ns) for f in ("config.yaml", "run.json")
+    }
     yield d
     after = {f: ((d / f).read_bytes(), (d / f).stat().st_mtime_ns) for f in before}
     assert after == before, "a failing command changed the run's records"
@@ -82,6 +79,7 @@ GOOD = '{"prompt": "rev 12=", "answer": "21"}'
 
 
 # -- prompt data ------------------------------------------------------------------------
+
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, existing_run):
     f = jsonl(tmp_path / "p.jsonl", GOOD, '{"prompt": "rev 3=", "answer": ', GOOD)
@@ -103,25 +101,42 @@ def test_non_utf8_jsonl_names_the_line(tmp_path, existing_run):
 
 
 def test_column_of_mixed_types_names_column_and_lines(tmp_path, existing_run):
-    f = jsonl(tmp_path / "p.jsonl", '{"prompt": "rev 12=", "answer": 21}',
-              '{"prompt": "rev 3=", "answer": "3"}')
+    f = jsonl(
+        tmp_path / "p.jsonl",
+        '{"prompt": "rev 12=", "answer": 21}',
+        '{"prompt": "rev 3=", "answer": "3"}',
+    )
     p = eqlen("run", "--run-dir", existing_run, "--set", f"data.prompts={f}")
     assert_clear(p, "column 'answer'", "line 1 holds a number", "line 2 holds a string")
 
 
 def test_prompt_file_without_the_answer_column_a_builtin_reward_needs(tmp_path, existing_run):
     f = jsonl(tmp_path / "p.jsonl", '{"question": "rev 12=", "solution": "21"}')
-    p = eqlen("run", "--run-dir", existing_run, "--set", f"data.prompts={f}",
-              "--set", "data.prompt_column=question", "--set",
-              "score.reward_funcs=[numeric_match]")
-    assert_clear(p, "built-in reward function 'numeric_match' needs column 'answer'",
-                 "columns: prompt_id, solution (from the prompt data)", "data.prompts")
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        f"data.prompts={f}",
+        "--set",
+        "data.prompt_column=question",
+        "--set",
+        "score.reward_funcs=[numeric_match]",
+    )
+    assert_clear(
+        p,
+        "built-in reward function 'numeric_match' needs column 'answer'",
+        "columns: prompt_id, solution (from the prompt data)",
+        "data.prompts",
+    )
 
 
 # -- model ------------------------------------------------------------------------------
 
+
 def demo_model() -> Path:
     from pipeline.demo import demo_model_dir
+
     return demo_model_dir()
 
 
@@ -129,8 +144,7 @@ def test_model_folder_without_weights(tmp_path, existing_run):
     m = tmp_path / "model"
     shutil.copytree(demo_model(), m, ignore=shutil.ignore_patterns("*.safetensors"))
     p = eqlen("run", "--run-dir", existing_run, "--set", f"model={m}")
-    assert_clear(p, f"{m} has a config.json but no weights", "model.safetensors",
-                 "save_pretrained")
+    assert_clear(p, f"{m} has a config.json but no weights", "model.safetensors", "save_pretrained")
 
 
 @pytest.fixture(scope="module")
@@ -139,30 +153,57 @@ def gpt2_dir(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline.models import load_tokenizer
+
     out = tmp_path_factory.mktemp("gpt2")
     tok = load_tokenizer(demo_model())
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1,
-                               n_head=2, eos_token_id=tok.eos_token_id,
-                               bos_token_id=tok.bos_token_id)).save_pretrained(out)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=32,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    ).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
 def test_max_new_tokens_beyond_the_models_positions(tmp_path, existing_run, gpt2_dir):
-    p = eqlen("run", "--run-dir", existing_run, "--set", f"model={gpt2_dir}",
-              "--set", "generate.max_new_tokens=40")
-    assert_clear(p, "generate.max_new_tokens=40", "n_positions=32",
-                 str(gpt2_dir / "config.json"))
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        f"model={gpt2_dir}",
+        "--set",
+        "generate.max_new_tokens=40",
+    )
+    assert_clear(p, "generate.max_new_tokens=40", "n_positions=32", str(gpt2_dir / "config.json"))
     # Prompt plus response: the demo's longest prompt (13 bytes) + 24 new tokens > 32.
-    p = eqlen("run", "--run-dir", existing_run, "--set", f"model={gpt2_dir}",
-              "--set", "generate.max_new_tokens=24")
-    assert_clear(p, "generate.max_new_tokens=24", "more than the model's n_positions=32",
-                 "Lower generate.max_new_tokens to")
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        f"model={gpt2_dir}",
+        "--set",
+        "generate.max_new_tokens=24",
+    )
+    assert_clear(
+        p,
+        "generate.max_new_tokens=24",
+        "more than the model's n_positions=32",
+        "Lower generate.max_new_tokens to",
+    )
     p = eqlen("run", "--run-dir", existing_run, "--set", "generate.max_new_tokens=64")
     assert_clear(p, "max_position_embeddings=64")
 
 
 # -- run directory and cache ------------------------------------------------------------
+
 
 def test_run_dir_that_is_a_file(tmp_path):
     f = tmp_path / "notes.txt"
@@ -184,8 +225,11 @@ def read_only(folder: Path):
         finally:
             folder.chmod(0o755)
         return
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"running as root and cannot mount a read-only folder: {r.stderr.strip()}")
     try:
@@ -214,11 +258,13 @@ def test_unwritable_cache_dir(tmp_path, existing_run):
 
 # -- reward functions in the preflight --------------------------------------------------
 
+
 @pytest.fixture
 def rewards(tmp_path) -> Path:
     d = tmp_path / "mods"
     d.mkdir()
-    (d / "rw.py").write_text(textwrap.dedent("""
+    (d / "rw.py").write_text(
+        textwrap.dedent("""
         PARTIAL = 0.2
 
         def needs_solution(completions, **kw):
@@ -232,65 +278,124 @@ def rewards(tmp_path) -> Path:
 
         def by_track(completions, track_id, **kw):
             return [1.0 / (t - 5) if t < 9 else PARTIAL for t in track_id]
-    """))
+    """)
+    )
     (d / "broken_import.py").write_text("import os\nRATE = 1 / 0\n")
     return d
 
 
 def test_reward_module_typo(tmp_path, existing_run, rewards):
-    p = eqlen("run", "--run-dir", existing_run, "--set", "score.reward_funcs=[rw_typo:fn]",
-              pythonpath=rewards)
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        "score.reward_funcs=[rw_typo:fn]",
+        pythonpath=rewards,
+    )
     assert_clear(p, "'rw_typo:fn'", "cannot import module 'rw_typo'", "PYTHONPATH")
-    p = eqlen("run", "--run-dir", existing_run, "--set", "score.reward_funcs=[rw:nope]",
-              pythonpath=rewards)
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        "score.reward_funcs=[rw:nope]",
+        pythonpath=rewards,
+    )
     assert_clear(p, "module 'rw' has no callable 'nope'", "needs_solution")
 
 
 def test_reward_module_that_fails_to_import(tmp_path, existing_run, rewards):
-    p = eqlen("run", "--run-dir", existing_run, "--set",
-              "score.reward_funcs=[broken_import:fn]", pythonpath=rewards)
-    assert_clear(p, "importing module 'broken_import' failed with ZeroDivisionError",
-                 "broken_import.py:2")
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        "score.reward_funcs=[broken_import:fn]",
+        pythonpath=rewards,
+    )
+    assert_clear(
+        p, "importing module 'broken_import' failed with ZeroDivisionError", "broken_import.py:2"
+    )
 
 
 def test_user_reward_looking_up_a_missing_column(tmp_path, existing_run, rewards):
     f = jsonl(tmp_path / "p.jsonl", GOOD)
-    p = eqlen("run", "--run-dir", existing_run, "--set", f"data.prompts={f}", "--set",
-              "score.reward_funcs=[rw:needs_solution]", pythonpath=rewards)
-    assert_clear(p, "'rw:needs_solution' looks up column 'solution'",
-                 "columns: prompt_id, answer (from the prompt data)")
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        f"data.prompts={f}",
+        "--set",
+        "score.reward_funcs=[rw:needs_solution]",
+        pythonpath=rewards,
+    )
+    assert_clear(
+        p,
+        "'rw:needs_solution' looks up column 'solution'",
+        "columns: prompt_id, answer (from the prompt data)",
+    )
 
 
 def test_reward_returning_the_wrong_number_of_values(tmp_path, existing_run, rewards):
     f = jsonl(tmp_path / "p.jsonl", GOOD, GOOD.replace("12", "34"))
-    p = eqlen("run", "--run-dir", existing_run, "--set", f"data.prompts={f}", "--set",
-              "score.reward_funcs=[rw:one_value]", pythonpath=rewards)
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        f"data.prompts={f}",
+        "--set",
+        "score.reward_funcs=[rw:one_value]",
+        pythonpath=rewards,
+    )
     assert_clear(p, "'rw:one_value' returned 1 values for 2 completions")
 
 
 def test_reward_returning_non_numbers(tmp_path, existing_run, rewards):
     f = jsonl(tmp_path / "p.jsonl", GOOD)
-    p = eqlen("run", "--run-dir", existing_run, "--set", f"data.prompts={f}", "--set",
-              "score.reward_funcs=[exact_match,rw:words]", pythonpath=rewards)
+    p = eqlen(
+        "run",
+        "--run-dir",
+        existing_run,
+        "--set",
+        f"data.prompts={f}",
+        "--set",
+        "score.reward_funcs=[exact_match,rw:words]",
+        pythonpath=rewards,
+    )
     assert_clear(p, "'rw:words' returned str 'good' at row 0", "return a number")
 
 
 # -- reward functions on real rollouts (the score stage itself) ---------------------------
 
+
 def rollouts(n: int = 6) -> pa.Table:
     resp = [[5, 1]] * n
-    return pa.table({
-        "prompt_id": [f"q{i // 2}" for i in range(n)], "prompt": ["rev 12="] * n,
-        "iteration": [0] * n, "prompt_ids": [[1]] * n, "pair_id": [i // 2 for i in range(n)],
-        "track_id": list(range(n)), "parent_track_id": pa.array([None] * n, pa.int64()),
-        "birth_round": [0] * n, "own_start": [0] * n, "response_ids": resp,
-        "logprobs": [[-0.1, -0.1]] * n, "finish_reason": ["eos"] * n,
-        "response": ["21", "12", "21", "x", "21", "2"][:n], "answer": ["21"] * n,
-    })
+    return pa.table(
+        {
+            "prompt_id": [f"q{i // 2}" for i in range(n)],
+            "prompt": ["rev 12="] * n,
+            "iteration": [0] * n,
+            "prompt_ids": [[1]] * n,
+            "pair_id": [i // 2 for i in range(n)],
+            "track_id": list(range(n)),
+            "parent_track_id": pa.array([None] * n, pa.int64()),
+            "birth_round": [0] * n,
+            "own_start": [0] * n,
+            "response_ids": resp,
+            "logprobs": [[-0.1, -0.1]] * n,
+            "finish_reason": ["eos"] * n,
+            "response": ["21", "12", "21", "x", "21", "2"][:n],
+            "answer": ["21"] * n,
+        }
+    )
 
 
 def score_run(tmp_path, funcs: str):
     from stages import score
+
     d = tmp_path / "rollouts"
     d.mkdir(exist_ok=True)
     pq.write_table(rollouts(), d / "rollouts.parquet")
@@ -337,12 +442,14 @@ def test_two_reward_functions_with_one_name_get_distinct_columns(tmp_path, modul
     # Unambiguous names keep today's columns; one function listed twice is an error.
     assert "reward_fn" in score_run(tmp_path, "[ra:fn]").column_names
     from stages.score import RewardError
+
     with pytest.raises(RewardError, match="lists 'ra:fn' more than once"):
         score_run(tmp_path, "[ra:fn,ra:fn]")
 
 
 def test_reward_that_raises_names_function_exception_and_first_failing_row(tmp_path, modules):
     from stages.score import RewardError
+
     with pytest.raises(RewardError) as e:
         score_run(tmp_path, "[rc:parse]")
     msg = str(e.value)
@@ -356,16 +463,22 @@ def test_reward_that_raises_names_function_exception_and_first_failing_row(tmp_p
 
 
 def test_reward_missing_column_on_rollouts_lists_the_columns(tmp_path, modules):
-    with pytest.raises(EqLenError, match=r"'rc:solution' looks up column 'solution', missing "
-                                         r"from the rollouts .*; columns: prompt_id, "
-                                         r"answer \(from the prompt data\); also completions"):
+    with pytest.raises(
+        EqLenError,
+        match=r"'rc:solution' looks up column 'solution', missing "
+        r"from the rollouts .*; columns: prompt_id, "
+        r"answer \(from the prompt data\); also completions",
+    ):
         score_run(tmp_path, "[rc:solution]")
 
 
-@pytest.mark.parametrize("func, pattern", [
-    ("rc:dict_out", r"'rc:dict_out' returned dict \{'score': 1.0\}, not a list of 6 numbers"),
-    ("rc:none_out", r"'rc:none_out' returned NoneType None, not a list of 6 numbers"),
-])
+@pytest.mark.parametrize(
+    "func, pattern",
+    [
+        ("rc:dict_out", r"'rc:dict_out' returned dict \{'score': 1.0\}, not a list of 6 numbers"),
+        ("rc:none_out", r"'rc:none_out' returned NoneType None, not a list of 6 numbers"),
+    ],
+)
 def test_reward_returning_no_list(tmp_path, modules, func, pattern):
     with pytest.raises(EqLenError, match=pattern):
         score_run(tmp_path, f"[{func}]")
@@ -374,9 +487,11 @@ def test_reward_returning_no_list(tmp_path, modules, func, pattern):
 def test_reward_key_covers_the_whole_module(tmp_path, modules):
     """Editing a module constant or helper (not the function) changes the reward's key."""
     from stages.score import _code_digest
+
     src = tmp_path / "rk.py"
-    src.write_text("PARTIAL = 0.2\n\ndef fn(completions, **kw):\n"
-                   "    return [PARTIAL] * len(completions)\n")
+    src.write_text(
+        "PARTIAL = 0.2\n\ndef fn(completions, **kw):\n    return [PARTIAL] * len(completions)\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         before = _code_digest("rk:fn")
@@ -390,20 +505,34 @@ def test_reward_key_covers_the_whole_module(tmp_path, modules):
 
 def test_model_config_reading_for_other_architectures(tmp_path):
     from pipeline.models import ModelError, check_folder, max_positions
-    assert max_positions({"model_type": "qwen2", "max_position_embeddings": 32768}) == \
-        ("max_position_embeddings", 32768)
-    assert max_positions({"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024}) == \
-        ("n_positions", 1024)
-    assert max_positions({"text_config": {"max_position_embeddings": 4096}}) == \
-        ("max_position_embeddings", 4096)
+
+    assert max_positions({"model_type": "qwen2", "max_position_embeddings": 32768}) == (
+        "max_position_embeddings",
+        32768,
+    )
+    assert max_positions({"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024}) == (
+        "n_positions",
+        1024,
+    )
+    assert max_positions({"text_config": {"max_position_embeddings": 4096}}) == (
+        "max_position_embeddings",
+        4096,
+    )
     assert max_positions({"model_type": "mamba"}) is None
     m = tmp_path / "sharded"
     m.mkdir()
     (m / "config.json").write_text("{}")
     (m / "tokenizer.json").write_text("{}")
-    (m / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors",
-                        "b": "model-00002-of-00002.safetensors"}}))
+    (m / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     (m / "model-00001-of-00002.safetensors").write_bytes(b"")
     with pytest.raises(ModelError, match="missing: model-00002-of-00002.safetensors"):
         check_folder(m)
@@ -414,13 +543,23 @@ def test_model_config_reading_for_other_architectures(tmp_path):
 
 # -- through Prefect: errors raised inside a stage ---------------------------------------
 
+
 @pytest.mark.flow
 def test_reward_error_inside_the_flow_prints_one_message(prefect_server, tmp_path, rewards):
     d = tmp_path / "run"
-    p = eqlen("run", "--run-dir", d, *SMALL, "--set", "score.reward_funcs=[rw:by_track]",
-              pythonpath=rewards, prefect=True)
-    err = assert_clear(p, "'rw:by_track' raised ZeroDivisionError", "at row 5",
-                       "track_id 5", "rw.py:", max_lines=3)
+    p = eqlen(
+        "run",
+        "--run-dir",
+        d,
+        *SMALL,
+        "--set",
+        "score.reward_funcs=[rw:by_track]",
+        pythonpath=rewards,
+        prefect=True,
+    )
+    err = assert_clear(
+        p, "'rw:by_track' raised ZeroDivisionError", "at row 5", "track_id 5", "rw.py:", max_lines=3
+    )
     assert "Task run" not in p.stderr and "Flow run" not in p.stderr, err
     assert "Task run" not in p.stdout and "Traceback" not in p.stdout
 
@@ -443,6 +582,7 @@ def test_out_of_memory_in_a_stage_names_the_knobs(prefect_server, tmp_path, monk
         rc = cli.main(["run", "--run-dir", str(tmp_path / "run"), *SMALL])
     finally:  # send this process's run logs while the server is still up
         from prefect.logging.handlers import APILogHandler
+
         APILogHandler().flush()
     err = capfd.readouterr().err.strip()
     assert rc == 2, err

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.flow
 def _task_runs(flow_run_id, expect=8, timeout=30.0):
     """Task runs of a flow run, as the server recorded them (events arrive asynchronously)."""
     import time
+
     deadline = time.time() + timeout
     while True:
         runs = _read_task_runs(flow_run_id)
@@ -28,12 +29,15 @@ def _read_task_runs(flow_run_id):
     async def fetch():
         async with get_client() as client:
             return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
     return asyncio.run(fetch())
 
 
-def test_online_flow_runs_stages_as_tasks_and_shows_cache_hits(prefect_server, make_cfg,
-                                                              policy_dir, tmp_path):
+def test_online_flow_runs_stages_as_tasks_and_shows_cache_hits(
+    prefect_server, make_cfg, policy_dir, tmp_path
+):
     from flows.online import online
 
     cfg = make_cfg(f"model={policy_dir}")
@@ -45,8 +49,9 @@ def test_online_flow_runs_stages_as_tasks_and_shows_cache_hits(prefect_server, m
     assert first[1]["generate"]["inputs"]["policy"].path == first[0]["update"]["path"] + "/model"
     runs = _task_runs(state.state_details.flow_run_id)
     names = sorted(r.name for r in runs)
-    assert names == sorted(f"{s}-it{i}" for s in ("generate", "score", "pair", "update")
-                           for i in range(2))
+    assert names == sorted(
+        f"{s}-it{i}" for s in ("generate", "score", "pair", "update") for i in range(2)
+    )
     assert all(r.state.name == "Completed" for r in runs)
 
     again = online(config.to_dict(cfg), str(tmp_path), return_state=True)

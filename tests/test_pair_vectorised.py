@@ -19,12 +19,11 @@ from hypothesis import strategies as st
 
 import schemas
 from eqlen_testing.invariants import check_units
-from pipeline import config
-from flows.runner import Context
 from eqlen_testing.scripted_lm import EOS, PAD, ScriptedLM
-from stages import hf_engine, losses, pair
-
 from eqlen_testing.synthetic import synthetic_scored
+from flows.runner import Context
+from pipeline import config
+from stages import hf_engine, losses, pair
 
 # ----------------------------------------------------------------- reference: the dict loops
 
@@ -32,15 +31,23 @@ from eqlen_testing.synthetic import synthetic_scored
 def ref_member(unit_id, strategy, rnd, idx, size, row, offset, length, reward):
     resp = row["response_ids"]
     return {
-        "unit_id": unit_id, "prompt_id": row["prompt_id"], "strategy": strategy,
-        "track_id": row["track_id"], "round": rnd, "member": idx, "unit_size": size,
-        "offset": offset, "segment_len": length,
+        "unit_id": unit_id,
+        "prompt_id": row["prompt_id"],
+        "strategy": strategy,
+        "track_id": row["track_id"],
+        "round": rnd,
+        "member": idx,
+        "unit_size": size,
+        "offset": offset,
+        "segment_len": length,
         "context_ids": list(row["prompt_ids"]) + list(resp[:offset]),
-        "segment_ids": list(resp[offset:offset + length]),
-        "old_logprobs": list(row["logprobs"][offset:offset + length]),
+        "segment_ids": list(resp[offset : offset + length]),
+        "old_logprobs": list(row["logprobs"][offset : offset + length]),
         "loss_mask": [True] * length,
-        "reward": float(reward), "advantage": 0.0,
-        "response_len": len(resp), "finish_reason": row["finish_reason"],
+        "reward": float(reward),
+        "advantage": 0.0,
+        "response_len": len(resp),
+        "finish_reason": row["finish_reason"],
     }
 
 
@@ -53,8 +60,11 @@ def ref_group(rows):
     for unit_id, (_, members) in enumerate(sorted(by_prompt.items())):
         members.sort(key=lambda r: r["track_id"])
         for i, m in enumerate(members):
-            out.append(ref_member(unit_id, "group", 0, i, len(members), m, 0,
-                                  len(m["response_ids"]), m["reward"]))
+            out.append(
+                ref_member(
+                    unit_id, "group", 0, i, len(members), m, 0, len(m["response_ids"]), m["reward"]
+                )
+            )
     return out
 
 
@@ -66,8 +76,10 @@ def ref_pairs(rows):
 
 
 def ref_pair_unit(unit_id, strategy, rnd, a, b, offset, length):
-    return [ref_member(unit_id, strategy, rnd, 0, 2, a, offset, length, a["reward"]),
-            ref_member(unit_id, strategy, rnd, 1, 2, b, offset, length, b["reward"])]
+    return [
+        ref_member(unit_id, strategy, rnd, 0, 2, a, offset, length, a["reward"]),
+        ref_member(unit_id, strategy, rnd, 1, 2, b, offset, length, b["reward"]),
+    ]
 
 
 def ref_truncate(rows):
@@ -146,11 +158,21 @@ REF = {"group": ref_group, "truncate": ref_truncate, "eqlen": ref_eqlen}
 def ref_build_units(rows, cfg):
     units = REF[cfg.pair.strategy](rows)
     if units:
-        col = {k: np.array([u[k] for u in units]) for k in
-               ("reward", "unit_id", "prompt_id", "track_id", "strategy", "unit_size")}
+        col = {
+            k: np.array([u[k] for u in units])
+            for k in ("reward", "unit_id", "prompt_id", "track_id", "strategy", "unit_size")
+        }
         pair_unit = (col["unit_size"] == 2) & np.isin(col["strategy"], ["truncate", "eqlen"])
-        adv = ref_estimate(col["reward"], col["unit_id"], col["prompt_id"], col["track_id"],
-                           pair_unit, scale=cfg.pair.scale_rewards, eps=cfg.pair.eps, loo=False)
+        adv = ref_estimate(
+            col["reward"],
+            col["unit_id"],
+            col["prompt_id"],
+            col["track_id"],
+            pair_unit,
+            scale=cfg.pair.scale_rewards,
+            eps=cfg.pair.eps,
+            loo=False,
+        )
         for u, a in zip(units, adv):
             u["advantage"] = float(a)
     return units
@@ -163,11 +185,14 @@ def ref_summarize(units, rows):
     for u in units:
         rewards_by_unit[u["unit_id"]].add(u["reward"])
     return {
-        "units": len(rewards_by_unit), "members": len(units),
-        "tokens_in_units": int(tokens_in_units), "tokens_generated": int(tokens_generated),
+        "units": len(rewards_by_unit),
+        "members": len(units),
+        "tokens_in_units": int(tokens_in_units),
+        "tokens_generated": int(tokens_generated),
         "effective_token_ratio": tokens_in_units / tokens_generated if tokens_generated else 0.0,
         "zero_signal_units": sum(len(s) == 1 for s in rewards_by_unit.values()),
     }
+
 
 # ----------------------------------------------------------------- comparison
 
@@ -196,27 +221,53 @@ def engine_rows(seed, n_prompts, group, rounds, max_new, eos_bias, rewards, ids)
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(2, 6, int(rng.integers(1, 4))).tolist() for _ in range(n_prompts)]
     tracks, _ = hf_engine.sample_tracks(
-        ScriptedLM(eos_bias), prompts, group_size=group, rounds=rounds, max_new_tokens=max_new,
-        temperature=1.0, top_p=1.0, top_k=0, eos_id=EOS, pad_id=PAD,
-        generator=torch.Generator().manual_seed(seed))
+        ScriptedLM(eos_bias),
+        prompts,
+        group_size=group,
+        rounds=rounds,
+        max_new_tokens=max_new,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        eos_id=EOS,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(seed),
+    )
     order = rng.permutation(len(tracks))  # the stage must not depend on row order
-    return [dict(tracks[i].row(prompts), prompt_id=ids[tracks[i].prompt_index % len(ids)],
-                 reward=rewards[tracks[i].track_id % len(rewards)]) for i in order]
+    return [
+        dict(
+            tracks[i].row(prompts),
+            prompt_id=ids[tracks[i].prompt_index % len(ids)],
+            reward=rewards[tracks[i].track_id % len(rewards)],
+        )
+        for i in order
+    ]
 
 
 PROMPT_IDS = ["9", "10", "a", "B", "é", "ab", "", "z9", "Z", "10a"]  # orders unlike numbers
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), n_prompts=st.integers(1, 4), half_group=st.integers(1, 3),
-       rounds=st.sampled_from([1, 2, 4]), max_new=st.integers(1, 8),
-       eos_bias=st.floats(-2.0, 3.0),
-       rewards=st.lists(st.one_of(st.sampled_from([0.0, 1.0, 0.5]),
-                                  st.floats(-10, 10, allow_nan=False, allow_subnormal=False)),
-                        min_size=1, max_size=9),
-       ids=st.permutations(PROMPT_IDS))
-def test_engine_rollouts_give_the_reference_units(seed, n_prompts, half_group, rounds, max_new,
-                                                  eos_bias, rewards, ids):
+@given(
+    seed=st.integers(0, 2**31),
+    n_prompts=st.integers(1, 4),
+    half_group=st.integers(1, 3),
+    rounds=st.sampled_from([1, 2, 4]),
+    max_new=st.integers(1, 8),
+    eos_bias=st.floats(-2.0, 3.0),
+    rewards=st.lists(
+        st.one_of(
+            st.sampled_from([0.0, 1.0, 0.5]),
+            st.floats(-10, 10, allow_nan=False, allow_subnormal=False),
+        ),
+        min_size=1,
+        max_size=9,
+    ),
+    ids=st.permutations(PROMPT_IDS),
+)
+def test_engine_rollouts_give_the_reference_units(
+    seed, n_prompts, half_group, rounds, max_new, eos_bias, rewards, ids
+):
     rows = engine_rows(seed, n_prompts, 2 * half_group, rounds, max_new, eos_bias, rewards, ids)
     for strategy in ("group", "truncate", "eqlen"):
         for scale in ("group", "none"):
@@ -224,11 +275,14 @@ def test_engine_rollouts_give_the_reference_units(seed, n_prompts, half_group, r
         check_units(rows, ref, ref_summarize(ref, rows), strategy=strategy)
 
 
-@pytest.mark.parametrize("seed,rounds,group,max_new", [
-    (0, 1, 8, 64), (1, 2, 4, 8), (2, 4, 8, 4), (3, 4, 2, 2), (4, 8, 6, 16), (5, 3, 16, 1)])
+@pytest.mark.parametrize(
+    "seed,rounds,group,max_new",
+    [(0, 1, 8, 64), (1, 2, 4, 8), (2, 4, 8, 4), (3, 4, 2, 2), (4, 8, 6, 16), (5, 3, 16, 1)],
+)
 def test_synthetic_lineage_gives_the_reference_units(seed, rounds, group, max_new):
-    table = synthetic_scored(1500, rounds=rounds, group_size=group, max_new_tokens=max_new,
-                             seed=seed)
+    table = synthetic_scored(
+        1500, rounds=rounds, group_size=group, max_new_tokens=max_new, seed=seed
+    )
     rows = table.select(list(pair.READS)).to_pylist()
     rng = np.random.default_rng(seed)
     float_rewards = [dict(r, reward=float(np.round(rng.normal(), 3))) for r in rows]
@@ -238,29 +292,49 @@ def test_synthetic_lineage_gives_the_reference_units(seed, rounds, group, max_ne
 
 
 def R(track_id, pair_id, resp, reward, parent=None, birth=0, own=0, prompt="a"):
-    return {"prompt_id": prompt, "prompt_ids": [7, 8], "pair_id": pair_id, "track_id": track_id,
-            "parent_track_id": parent, "birth_round": birth, "own_start": own,
-            "response_ids": resp, "logprobs": [-0.25 * i for i in range(len(resp))],
-            "finish_reason": "eos" if resp and resp[-1] == EOS else "length", "reward": reward}
+    return {
+        "prompt_id": prompt,
+        "prompt_ids": [7, 8],
+        "pair_id": pair_id,
+        "track_id": track_id,
+        "parent_track_id": parent,
+        "birth_round": birth,
+        "own_start": own,
+        "response_ids": resp,
+        "logprobs": [-0.25 * i for i in range(len(resp))],
+        "finish_reason": "eos" if resp and resp[-1] == EOS else "length",
+        "reward": reward,
+    }
 
 
 EDGE_CASES = {
     "same-step ends, equal rewards": [R(0, 0, [3, EOS], 1.0), R(1, 0, [4, EOS], 1.0)],
-    "empty responses": [R(0, 0, [], 0.0), R(1, 0, [], 1.0), R(2, 1, [3, EOS], 0.0),
-                        R(3, 1, [], 0.0)],
+    "empty responses": [
+        R(0, 0, [], 0.0),
+        R(1, 0, [], 1.0),
+        R(2, 1, [3, EOS], 0.0),
+        R(3, 1, [], 0.0),
+    ],
     "one prompt, one member": [R(0, 0, [3, EOS], 1.0, prompt="b")],
     "survivor at max length, budget spent": [
-        R(0, 0, [3, EOS], 1.0), R(1, 0, [3, 4, 5, 6], 0.0),
-        R(2, 0, [3, 4, EOS], 1.0, parent=1, birth=1, own=2)],
+        R(0, 0, [3, EOS], 1.0),
+        R(1, 0, [3, 4, 5, 6], 0.0),
+        R(2, 0, [3, 4, EOS], 1.0, parent=1, birth=1, own=2),
+    ],
     "four rounds, survivor switches": [
-        R(10, 5, [EOS], 0.0), R(11, 5, [3, 4, 5, 6, 7, 8, EOS], 1.0),
+        R(10, 5, [EOS], 0.0),
+        R(11, 5, [3, 4, 5, 6, 7, 8, EOS], 1.0),
         R(12, 5, [3, 4, 5, 6, 7, 8, 9, 9, EOS], 0.5, parent=11, birth=1, own=1),
         R(13, 5, [3, 4, 5, 6, 7, 8, 9, 9, 9, EOS], 0.5, parent=12, birth=2, own=7),
         R(14, 5, [3, 4, 5, 6, 7, 8, 9, 9, 9, 9, EOS], 0.0, parent=13, birth=3, own=9),
-        R(1, 7, [3, EOS], 1.0, prompt="B"), R(0, 7, [3, 4, EOS], 0.0, prompt="B")],
+        R(1, 7, [3, EOS], 1.0, prompt="B"),
+        R(0, 7, [3, 4, EOS], 0.0, prompt="B"),
+    ],
     "newcomer whose parent is missing is ignored": [
-        R(0, 0, [EOS], 0.0), R(1, 0, [3, 4, EOS], 1.0),
-        R(2, 0, [3, 4, EOS], 1.0, parent=99, birth=1, own=1)],
+        R(0, 0, [EOS], 0.0),
+        R(1, 0, [3, 4, EOS], 1.0),
+        R(2, 0, [3, 4, EOS], 1.0, parent=99, birth=1, own=1),
+    ],
 }
 
 
@@ -279,10 +353,14 @@ def test_edge_cases_give_the_reference_units(name, strategy):
 
 
 def test_inconsistent_lineage_fails_naming_the_track():
-    rows = [R(0, 0, [EOS], 0.0), R(1, 0, [3, 4, EOS], 1.0),
-            R(2, 0, [3, 4, EOS], 1.0, parent=1, birth=1, own=2)]  # inherited at 1, not 2
-    with pytest.raises(schemas.SchemaError, match="track 2: own_start 2 but it inherited at "
-                                                  "offset 1"):
+    rows = [
+        R(0, 0, [EOS], 0.0),
+        R(1, 0, [3, 4, EOS], 1.0),
+        R(2, 0, [3, 4, EOS], 1.0, parent=1, birth=1, own=2),
+    ]  # inherited at 1, not 2
+    with pytest.raises(
+        schemas.SchemaError, match="track 2: own_start 2 but it inherited at offset 1"
+    ):
         pair.build_units(rows, cfg_with("eqlen"))
     with pytest.raises(schemas.SchemaError, match="pair 0: 3 round-0 tracks"):
         pair.build_units(rows[:2] + [R(3, 0, [3, EOS], 0.0)], cfg_with("truncate"))
@@ -291,9 +369,14 @@ def test_inconsistent_lineage_fails_naming_the_track():
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=30), seed=st.integers(0, 2**31),
-       n_prompts=st.integers(1, 5), scale=st.sampled_from(["group", "batch", "none"]),
-       loo=st.booleans(), ties=st.booleans())
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=30),
+    seed=st.integers(0, 2**31),
+    n_prompts=st.integers(1, 5),
+    scale=st.sampled_from(["group", "batch", "none"]),
+    loo=st.booleans(),
+    ties=st.booleans(),
+)
 def test_advantage_estimators_equal_the_loop_over_units(sizes, seed, n_prompts, scale, loo, ties):
     """Units of every size in any order (also as update gets them, prompt ids as strings),
     pair flag decided by the unit's first member: the bits of the loop over units."""
@@ -306,10 +389,12 @@ def test_advantage_estimators_equal_the_loop_over_units(sizes, seed, n_prompts, 
     rewards = per_track[track_id]
     prompt_id = np.array([f"p{i}" for i in rng.integers(0, n_prompts, n)])
     pair_unit = rng.random(n) < 0.5
-    got = losses._estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale,
-                           eps=1e-4, loo=loo)
-    want = ref_estimate(rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=1e-4,
-                        loo=loo)
+    got = losses._estimate(
+        rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=1e-4, loo=loo
+    )
+    want = ref_estimate(
+        rewards, unit_id, prompt_id, track_id, pair_unit, scale=scale, eps=1e-4, loo=loo
+    )
     assert got.tobytes() == want.tobytes()
 
 

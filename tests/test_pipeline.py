@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cache, config
 from flows import runner
 from flows.runner import RunRecord, resolve_inputs, run_stage
+from pipeline import cache, config
 
 
 def run_online(cfg, run_dir):
@@ -44,8 +44,9 @@ def test_same_inputs_are_served_from_cache(demo_cfg, tmp_path):
 
 def test_config_change_reruns_that_stage_and_later_ones_only(demo_cfg, tmp_path):
     base = run_online(demo_cfg, tmp_path)
-    changed = config.apply(config.load(None, [], base=config.to_dict(demo_cfg)),
-                           overrides=["update.lr=0.01"])
+    changed = config.apply(
+        config.load(None, [], base=config.to_dict(demo_cfg)), overrides=["update.lr=0.01"]
+    )
     h = run_online(changed, tmp_path)
     c = cached(h)
     # Iteration 0: generate/score/pair untouched, update reruns.
@@ -61,7 +62,7 @@ def test_config_change_reruns_that_stage_and_later_ones_only(demo_cfg, tmp_path)
 
 def test_deleted_or_damaged_output_is_detected_and_rebuilt(demo_cfg, tmp_path):
     base = run_online(demo_cfg, tmp_path)
-    shutil.rmtree(base[0]["pair"].path)                      # deleted
+    shutil.rmtree(base[0]["pair"].path)  # deleted
     (Path(base[1]["score"].path) / "scored.parquet").write_bytes(b"junk")  # damaged
     h = run_online(demo_cfg, tmp_path)
     assert h[0]["pair"].cached is False and h[1]["score"].cached is False
@@ -88,12 +89,14 @@ def test_killed_stage_leaves_nothing_visible(demo_cfg, tmp_path, monkeypatch):
 
     def boom(rows, cfg):
         raise KeyboardInterrupt  # as if the process were interrupted mid-stage
+
     monkeypatch.setitem(pair.STRATEGIES._items, "group", boom)
     with pytest.raises(KeyboardInterrupt):
         run_online(demo_cfg, tmp_path)
     # Nothing visible: no key folder (hidden names are the cache's lock and temp files).
     assert not (tmp_path / "cache" / "pair").exists() or not any(
-        p for p in (tmp_path / "cache" / "pair").iterdir() if not p.name.startswith("."))
+        p for p in (tmp_path / "cache" / "pair").iterdir() if not p.name.startswith(".")
+    )
     monkeypatch.undo()
     h = run_online(demo_cfg, tmp_path)  # resumes: earlier stages from cache
     assert h[0]["generate"].cached and h[0]["score"].cached and not h[0]["pair"].cached
@@ -103,8 +106,14 @@ def test_eqlen_run_on_disk_passes_the_invariant_checker(make_cfg, policy_dir, tm
     """generate.rounds=4 + pair.strategy=eqlen through the real stages and Parquet files."""
     from eqlen_testing.invariants import check_rollouts, check_units
 
-    cfg = make_cfg(f"model={policy_dir}", "generate.rounds=4", "pair.strategy=eqlen",
-                   "data.prompts_per_iteration=16", "generate.temperature=1.5", "iterations=1")
+    cfg = make_cfg(
+        f"model={policy_dir}",
+        "generate.rounds=4",
+        "pair.strategy=eqlen",
+        "data.prompts_per_iteration=16",
+        "generate.temperature=1.5",
+        "iterations=1",
+    )
     h = run_online(cfg, tmp_path)[0]
     scored = pq.read_table(Path(h["score"].path) / "scored.parquet").to_pylist()
     units = pq.read_table(Path(h["pair"].path) / "units.parquet").to_pylist()
@@ -115,13 +124,16 @@ def test_eqlen_run_on_disk_passes_the_invariant_checker(make_cfg, policy_dir, tm
 
 
 def test_swapping_the_strategy_reruns_pair_and_update_only_and_keeps_the_schema(
-        make_cfg, policy_dir, tmp_path):
+    make_cfg, policy_dir, tmp_path
+):
     base = make_cfg(f"model={policy_dir}", "generate.rounds=2", "iterations=1")
     schemas_seen = {}
     first = None
     for strategy in ("group", "truncate", "eqlen"):
-        cfg = config.apply(config.load(None, [], base=config.to_dict(base)),
-                           overrides=[f"pair.strategy={strategy}"])
+        cfg = config.apply(
+            config.load(None, [], base=config.to_dict(base)),
+            overrides=[f"pair.strategy={strategy}"],
+        )
         h = run_online(cfg, tmp_path)[0]
         if first is None:
             first = h
@@ -143,7 +155,9 @@ def test_update_writes_a_loadable_checkpoint_and_a_plot(demo_cfg, tmp_path):
     h = run_online(demo_cfg, tmp_path)
     new = AutoModelForCausalLM.from_pretrained(Path(h[0]["update"].path) / "model")
     old = AutoModelForCausalLM.from_pretrained(demo_cfg.model)
-    diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(new.parameters(), old.parameters()))
+    diff = sum(
+        float((a - b).detach().abs().sum()) for a, b in zip(new.parameters(), old.parameters())
+    )
     assert diff > 0, "the update changed the weights"
     steps = pq.read_table(Path(h[0]["update"].path) / "metrics.parquet").to_pylist()
     assert steps and {"loss", "grad_norm", "clipfrac", "approx_kl", "entropy"} <= set(steps[0])
@@ -158,14 +172,29 @@ def test_every_algorithm_and_loss_agg_runs_from_the_cli(make_cfg, policy_dir, tm
     from flows.cli import main
     from stages import losses
 
-    cfg = make_cfg(f"model={policy_dir}", "generate.rounds=2", "pair.strategy=eqlen",
-                   "iterations=1", "generate.temperature=1.5")
+    cfg = make_cfg(
+        f"model={policy_dir}",
+        "generate.rounds=2",
+        "pair.strategy=eqlen",
+        "iterations=1",
+        "generate.temperature=1.5",
+    )
     run_online(cfg, tmp_path)
     keys = set()
     for algo in losses.ALGORITHMS.names():
         for agg in losses.LOSS_AGGS.names():
-            rc = main(["stage", "update", "--run-dir", str(tmp_path), "--set",
-                       f"update.algorithm={algo}", "--set", f"update.loss_agg={agg}"])
+            rc = main(
+                [
+                    "stage",
+                    "update",
+                    "--run-dir",
+                    str(tmp_path),
+                    "--set",
+                    f"update.algorithm={algo}",
+                    "--set",
+                    f"update.loss_agg={agg}",
+                ]
+            )
             assert rc == 0, (algo, agg)
             e = RunRecord(tmp_path).entry(0, "update")
             m = cache.lookup(Path(e["path"]))
@@ -184,8 +213,12 @@ def test_reported_token_weights_recompute_independently(make_cfg, policy_dir, tm
     no clipping), so grad_weight = -A * w there (later ones carry the ratio too)."""
     import numpy as np
 
-    cfg = make_cfg(f"model={policy_dir}", "iterations=1", "update.minibatches=2",
-                   "update.skip_zero_signal=false")
+    cfg = make_cfg(
+        f"model={policy_dir}",
+        "iterations=1",
+        "update.minibatches=2",
+        "update.skip_zero_signal=false",
+    )
     h = run_online(cfg, tmp_path)[0]
     tw = pq.read_table(Path(h["update"].path) / "token_weights.parquet").to_pylist()
     assert {r["minibatch"] for r in tw} == {0, 1}
@@ -197,19 +230,26 @@ def test_reported_token_weights_recompute_independently(make_cfg, policy_dir, tm
             expect = [1 / (B * n) if m else 0.0 for m in r["loss_mask"]]
             np.testing.assert_allclose(r["agg_weight"], expect, rtol=1e-6)
             if mb == 0:
-                np.testing.assert_allclose(r["grad_weight"], -r["advantage"] * np.array(expect),
-                                           rtol=1e-3, atol=1e-7)
+                np.testing.assert_allclose(
+                    r["grad_weight"], -r["advantage"] * np.array(expect), rtol=1e-3, atol=1e-7
+                )
 
 
 def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     from flows.experiment import run_experiment
 
-    base = [f"model={policy_dir}", "data.demo_size=64", "data.prompts_per_iteration=4",
-            "generate.group_size=4", "generate.max_new_tokens=8", "iterations=2"]
-    res = run_experiment(tmp_path, methods=["grpo", "dapo", "eqlen_rloo"], seeds=[0, 1],
-                         base=base)
+    base = [
+        f"model={policy_dir}",
+        "data.demo_size=64",
+        "data.prompts_per_iteration=4",
+        "generate.group_size=4",
+        "generate.max_new_tokens=8",
+        "iterations=2",
+    ]
+    res = run_experiment(tmp_path, methods=["grpo", "dapo", "eqlen_rloo"], seeds=[0, 1], base=base)
     assert [(r["method"], r["seed"]) for r in res] == [
-        (m, s) for m in ("grpo", "dapo", "eqlen_rloo") for s in (0, 1)]
+        (m, s) for m in ("grpo", "dapo", "eqlen_rloo") for s in (0, 1)
+    ]
     # dapo starts from grpo's iteration-0 rollouts, scores and units (same keys, cached).
     g = RunRecord(tmp_path / "runs" / "grpo-s0").load()["iterations"][0]["stages"]
     d = RunRecord(tmp_path / "runs" / "dapo-s0").load()["iterations"][0]["stages"]
@@ -222,6 +262,7 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
         assert f"| {m} |" in text
     assert "| gap first | gap mean after | gap last |" in text
     from flows.report import show_data
+
     score0 = show_data(tmp_path / "runs" / "grpo-s0")["iterations"][0]["stages"]["score"]
     assert score0["metrics"]["len_gap_prompts"] > 0  # 4 prompts x 4 tracks, reward ~0.5
     assert res[0]["gap_first"] == score0["metrics"]["len_gap"]
@@ -233,8 +274,13 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
 def test_kl_to_the_initial_policy(make_cfg, policy_dir, tmp_path):
     """beta > 0 loads the initial policy as reference: KL is 0 on the first mini-batch (same
     weights) and positive once the policy has moved; zero-signal members are forwarded."""
-    cfg = make_cfg(f"model={policy_dir}", "iterations=1", "update.beta=0.1",
-                   "update.minibatches=2", "update.lr=5e-3")
+    cfg = make_cfg(
+        f"model={policy_dir}",
+        "iterations=1",
+        "update.beta=0.1",
+        "update.minibatches=2",
+        "update.lr=5e-3",
+    )
     h = run_online(cfg, tmp_path)[0]
     steps = pq.read_table(Path(h["update"].path) / "metrics.parquet").to_pylist()
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7)
@@ -251,26 +297,38 @@ def test_check_run_script_passes_a_run_and_names_a_broken_dataset(make_cfg, poli
 
     import pyarrow as pa
 
-    cfg = make_cfg(f"model={policy_dir}", "generate.rounds=4", "pair.strategy=eqlen",
-                   "generate.temperature=1.5", "iterations=2")
+    cfg = make_cfg(
+        f"model={policy_dir}",
+        "generate.rounds=4",
+        "pair.strategy=eqlen",
+        "generate.temperature=1.5",
+        "iterations=2",
+    )
     h = run_online(cfg, tmp_path)
     script = Path(__file__).resolve().parents[1] / "scripts" / "check_run.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("iteration")]
-    assert [l.split(":")[0] for l in lines] == ["iteration 0", "iteration 1"]
-    assert all(float(l.rsplit(" ", 1)[1]) < 1e-4 for l in lines)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("iteration")]
+    assert [ln.split(":")[0] for ln in lines] == ["iteration 0", "iteration 1"]
+    assert all(float(ln.rsplit(" ", 1)[1]) < 1e-4 for ln in lines)
 
     units_file = Path(h[1]["pair"].path) / "units.parquet"
     units = pq.read_table(units_file)
     seg = units.column("segment_ids").to_pylist()
     i = next(k for k, s in enumerate(seg) if len(s) > 1)
     seg[i] = seg[i][:-1]
-    units = units.set_column(units.schema.get_field_index("segment_ids"), "segment_ids",
-                             pa.array(seg, units.schema.field("segment_ids").type))
+    units = units.set_column(
+        units.schema.get_field_index("segment_ids"),
+        "segment_ids",
+        pa.array(seg, units.schema.field("segment_ids").type),
+    )
     pq.write_table(units, units_file)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), "--iterations", "1"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--iterations", "1"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     assert "iteration 1: invariant failed" in out.stderr and "segment_ids" in out.stderr

