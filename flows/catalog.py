@@ -48,14 +48,25 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+STAGE_FOLDERS = ("prompts", *STAGE_NAMES)  # the only folders of a cache root holding outputs
+
+
+def _runs_of(root: Path) -> list[Path]:
+    """The runs known to use cache root `root`: those registered in it, and the run whose
+    own cache it is (RUN/cache), wherever that run was copied or moved to."""
+    runs = registered_runs(root)
+    if root.name == "cache" and (root.parent / "run.json").is_file() and root.parent not in runs:
+        runs.append(root.parent)
+    return runs
+
+
 def _uses(root: Path) -> dict[str, list[tuple[str, int, str]]]:
-    """Output folder -> [(run dir, iteration, stage)] over the runs registered in root."""
+    """Output folder -> [(run dir, iteration, stage)] over the runs known to use root. A run
+    whose record cannot be read is an error: its references are unknown, so nothing could
+    be removed safely."""
     uses: dict[str, list[tuple[str, int, str]]] = {}
-    for run_dir in registered_runs(root):
-        try:
-            entries = RunRecord(run_dir).entries()
-        except Exception:  # a damaged run.json: that run's references are unknown
-            continue
+    for run_dir in _runs_of(root):
+        entries = RunRecord(run_dir).entries()  # RunError naming the damaged run.json
         for i, stages in enumerate(entries):
             for name, e in stages.items():
                 uses.setdefault(str(Path(e["path"]).resolve()), []).append((str(run_dir), i, name))
@@ -72,14 +83,18 @@ def datasets(root: str | Path) -> list[Dataset]:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise cache_error(root)
+    stage_dirs = [root / s for s in STAGE_FOLDERS if (root / s).is_dir()]
+    if not stage_dirs:
+        raise cache_error(root)
     uses = _uses(root)
     out = []
-    for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for stage_dir in stage_dirs:
         for folder in sorted(
             p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
         ):
             m = cache.read_manifest(folder)
-            m = m if isinstance(m, dict) else {}
+            if not isinstance(m, dict) or m.get("key") != folder.name:
+                continue  # not an output the cache wrote: never listed, never removed
             out.append(
                 Dataset(
                     stage=m.get("stage", stage_dir.name),
@@ -102,8 +117,8 @@ def cache_error(root: Path):
     from flows.runner import RunError
 
     return RunError(
-        f"{root} is not a cache directory (no such folder); give a run's cache "
-        "(RUN_DIR/cache) or the cache_dir a config names"
+        f"{root} is not a cache directory (no prompts/generate/score/pair/update folders); "
+        "give a run's cache (RUN_DIR/cache) or the cache_dir a config names"
     )
 
 
@@ -124,9 +139,20 @@ def gc(
     dry_run: bool = False,
 ) -> Collected:
     """Remove the outputs of cache root `root` that no registered run needs (see module)."""
+    from flows.runner import RunError
+
+    if keep_last is not None and keep_last < 1:
+        raise RunError(f"--keep-last {keep_last}: keep at least the last policy (N >= 1)")
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise cache_error(root)
+    found = datasets(root)
+    if not _runs_of(root):
+        raise RunError(
+            f"{root}: no run is known to use this cache (no CACHE/.runs notes, no RUN/run.json "
+            "beside it), so gc cannot tell what is needed and removes nothing. Record a run "
+            "into it first (any `eqlen run` or `eqlen stage` on a run using it)."
+        )
     uses = _uses(root)
     if keep_last is not None:
         # A run still needs its last `keep_last` policies (to resume, extend or branch);
@@ -143,12 +169,16 @@ def gc(
                 uses[folder] = []
     now, removed, freed = time.time(), [], 0
     in_use = young = locked = 0
-    for d in datasets(root):
+    for d in found:
         folder = Path(d.path)
         if uses.get(str(folder)):
             in_use += 1
             continue
-        if now - folder.stat().st_mtime < min_age_hours * 3600:
+        try:
+            age = now - folder.stat().st_mtime
+        except FileNotFoundError:  # removed meanwhile (another gc, a forced writer's swap)
+            continue
+        if age < min_age_hours * 3600:
             young += 1
             continue
         fd = cache._acquire(cache.lock_file(folder), blocking=False)
@@ -157,7 +187,13 @@ def gc(
             continue
         try:
             if not dry_run:
-                shutil.rmtree(folder)
+                try:
+                    shutil.rmtree(folder)
+                except OSError as e:
+                    raise RunError(
+                        f"gc: cannot remove {folder} ({e}); fix its permissions, or remove it "
+                        "by hand"
+                    ) from None
             removed.append(str(folder))
             freed += d.bytes
         finally:

@@ -193,7 +193,8 @@ def cmd_stage(args) -> int:
         report.console.print(
             f"now stale (computed from the previous output): "
             f"{', '.join(stale)}; `eqlen stage NAME --run-dir {run_dir} "
-            "--iteration I` recomputes one, `eqlen run` the whole chain"
+            "--iteration I` recomputes each on the new lineage, in the order listed (same "
+            "--set as this command)"
         )
     return 0
 

@@ -277,18 +277,44 @@ class RunRecord:
             self.path.replace(self.path.with_name("run.json.damaged"))
             return True
 
-    def snapshot(self) -> dict[str, str | None]:
-        """The record files' text as they are now (None: absent), for `restore`."""
-        files = (self.path, self.run_dir / "config.yaml")
-        return {str(f): f.read_text() if f.is_file() else None for f in files}
+    def snapshot(self) -> dict:
+        """The record as it is now, for `restore`."""
+        yaml_file = self.run_dir / "config.yaml"
+        return {
+            "data": self.load() if self.path.is_file() else None,
+            "config.yaml": yaml_file.read_text() if yaml_file.is_file() else None,
+        }
 
-    def restore(self, snapshot: dict[str, str | None]) -> None:
+    def restore(self, snapshot: dict, written: list[tuple[int, str]]) -> None:
+        """Undo what this process wrote since `snapshot`: the entries `written` get their
+        old value back (or go), the config too; what other commands recorded meanwhile
+        (a concurrent `eqlen stage`) stays."""
+        old = snapshot["data"] or {"iterations": []}
         with cache.locked(self.path):
-            for f, text in snapshot.items():
-                if text is None:
-                    Path(f).unlink(missing_ok=True)
-                else:
-                    cache.atomic_write_text(Path(f), text)
+            data = self.load()
+            its, old_its = data["iterations"], old["iterations"]
+            its += old_its[len(its) :]  # iterations the failed run's start had cut
+            for i, name in written:
+                before = old_its[i]["stages"].get(name) if i < len(old_its) else None
+                if before is not None:
+                    its[i]["stages"][name] = before
+                elif i < len(its):
+                    its[i]["stages"].pop(name, None)
+            while its and not its[-1]["stages"]:
+                its.pop()
+            if "config" in old:
+                data["config"] = old["config"]
+            else:
+                data.pop("config", None)
+            if snapshot["data"] is None and not its:
+                self.path.unlink(missing_ok=True)
+            else:
+                self.save(data)
+            yaml_file = self.run_dir / "config.yaml"
+            if snapshot["config.yaml"] is None:
+                yaml_file.unlink(missing_ok=True)
+            else:
+                cache.atomic_write_text(yaml_file, snapshot["config.yaml"])
 
     def save(self, data: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -298,18 +324,31 @@ class RunRecord:
         """A new `eqlen run`: record its config; forget iterations it will not reach. Called
         once the run's first stage has succeeded, so a command that fails on bad input
         leaves the record of the last good run as it was."""
+        recorded = to_dict(cfg)
+        # Paths as absolute: `eqlen stage` from another directory must find the same cache
+        # and model (a run inside RUN/cache needs no cache_dir and stays relocatable).
+        if cfg.cache_dir:
+            recorded["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
+        if cfg.model != "demo":
+            recorded["model"] = str(Path(cfg.model).expanduser().resolve())
         with cache.locked(self.path):
             data = self.load()
-            data["config"] = to_dict(cfg)
+            data["config"] = recorded
             data["iterations"] = data["iterations"][:iterations]
             self.save(data)
             cache.atomic_write_text(
-                self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False)
+                self.run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False)
             )
 
     def record(self, r: StageResult) -> None:
-        # The cache learns which runs use it (`eqlen datasets`, `eqlen gc`).
+        # The caches learn which runs use them (`eqlen datasets`, `eqlen gc`): the one the
+        # output is in, and those of its inputs (units from another run, `--input`).
         register_run(Path(r.path).parent.parent, self.run_dir)
+        for ref in r.inputs.values():
+            p = Path(ref.path)
+            owner = next((c for c in (p, p.parent) if (c / cache.MANIFEST).is_file()), None)
+            if owner is not None:
+                register_run(owner.parent.parent, self.run_dir)
         entry = {k: v for k, v in asdict(r).items() if k not in ("stage", "iteration", "metrics")}
         entry["path"] = self.rel(r.path)
         entry["inputs"] = {
@@ -511,10 +550,16 @@ def resolve_inputs(
         if label == "reference":
             inputs[label] = policy_input(cfg)
             continue
+        # A run-level input (the prompts; the policy of iteration 0) as this iteration
+        # recorded it, else as any recorded iteration did: extending a run offline
+        # (`eqlen stage generate --iteration N` after N iterations) needs no record of N.
+        order = [iteration] + [i for i in range(len(its)) if i != iteration]
         recorded = [
             s["inputs"][label]
-            for s in (its[iteration].values() if iteration < len(its) else [])
-            if label in s.get("inputs", {})
+            for i in order
+            if i < len(its)
+            for s in its[i].values()
+            if label in s.get("inputs", {}) and (label != "policy" or i == 0)
         ]
         if not recorded:
             rec.entry(iteration, "generate")  # raises naming what is recorded
@@ -562,12 +607,13 @@ def online(
     history, started = [], False
     # Until the first iteration has finished, a failure (a reward that raises, an
     # out-of-memory update) puts the record of the last good run back as it was.
-    snapshot = rec.snapshot()
+    snapshot, written = rec.snapshot(), []
     try:
         for i in range(cfg.iterations):
             refs = {"prompts": prompts, "policy": policy, "reference": reference}
             results = {}
             for name in STAGE_NAMES:
+                written.append((i, name))  # recorded by the call, or not at all
                 results[name] = res = call(name, cfg, run_dir, i, refs, force)
                 if not started:
                     rec.start(cfg, cfg.iterations)
@@ -580,7 +626,7 @@ def online(
                 on_iteration(i, results)
     except BaseException:
         if snapshot is not None:
-            rec.restore(snapshot)
+            rec.restore(snapshot, written)
         raise
     return history
 

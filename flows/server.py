@@ -161,12 +161,26 @@ def _ours(pid: int, d: Path) -> bool:
         return False
 
 
+def _private_to_live_run(cmd: list[str]) -> bool:
+    """A per-run server (`--die-with PID`, EQLEN_PREFECT_SERVER=run) whose run is alive: not
+    the kept server's to stop; it dies with its run."""
+    if "--die-with" not in cmd or cmd.index("--die-with") + 1 >= len(cmd):
+        return False
+    try:
+        os.kill(int(cmd[cmd.index("--die-with") + 1]), 0)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
 def _servers_of(d: Path) -> list[int]:
-    """Every eqlen server process for `d`, recorded or not (an interrupted start)."""
+    """Every eqlen server process for `d`, recorded or not (an interrupted start), except
+    the private servers of runs still going."""
     out = []
     for p in Path("/proc").glob("[0-9]*"):
         pid = int(p.name)
-        if pid != os.getpid() and _is_server(_cmdline(pid), d):
+        cmd = _cmdline(pid)
+        if pid != os.getpid() and _is_server(cmd, d) and not _private_to_live_run(cmd):
             out.append(pid)
     return out
 

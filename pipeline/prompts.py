@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import schemas
 from pipeline import cache
 from pipeline.config import Config
+from pipeline.stage import code_digest
 
 VERSION = 1
 _RECORD = 'one JSON object per line, e.g. {"prompt": "...", "answer": "..."}'
@@ -254,7 +255,7 @@ def materialize(cfg: Config, root: Path) -> Path:
             "source": digest,
             "prompt_column": d.prompt_column,
             "id_column": d.id_column,
-            "code": cache.source_digest(__file__),
+            "code": code_digest("pipeline.prompts"),
         }
     )
     folder = root / "prompts" / key

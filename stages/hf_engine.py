@@ -193,7 +193,9 @@ def sample_tracks(
     return finished, stats
 
 
-@engine("hf", ignores=("generate.batch_tracks", "generate.device"))
+# batch_tracks is read: the sampler draws from one generator row by row over the batch, so
+# how prompts are chunked decides which random numbers a track gets.
+@engine("hf", reads=("generate.batch_tracks",), ignores=("generate.device",))
 def generate(
     policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer, check_ids: list[int]
 ) -> tuple[list[Track], dict]:

@@ -43,10 +43,10 @@ SPECIAL = {  # a valid other value where "+1" or "not" would not be one
 }
 
 
-# Keys read only under some settings (vLLM's settings by the vllm engine, the run's length
-# by a decaying lr schedule): the second parametrisation below has them read.
-_ALL = config.load(None, ["generate.engine=vllm", "update.lr_schedule=cosine"])
-CONDITIONAL = {k for s in SPECS.values() for k in s.key_reads(_ALL)}
+# Keys read only under some settings (vLLM's settings by the vllm engine, batch_tracks by
+# the hf engine, the run's length by a decaying lr schedule): one of the bases reads each.
+BASES = ([], ["generate.engine=vllm", "update.lr_schedule=cosine"])
+CONDITIONAL = {k for b in BASES for s in SPECS.values() for k in s.key_reads(config.load(None, b))}
 
 
 def other_value(key, f, value):
@@ -348,3 +348,41 @@ def test_a_run_that_fails_leaves_the_last_good_record(make_cfg, tmp_path, monkey
     with pytest.raises(EqLenError, match="reward service down"):
         _run(make_cfg("iterations=2", "seed=3", "score.reward_funcs=[bad_reward:fn]"), run)
     assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_prompts_key_covers_the_code_that_makes_them():
+    root = Path(runner.__file__).resolve().parents[1]
+    files = {p.relative_to(root).as_posix() for p in stage.code_files("pipeline.prompts")}
+    assert {"pipeline/prompts.py", "pipeline/demo.py", "schemas/__init__.py"} <= files
+
+
+def test_restore_undoes_only_this_runs_entries(make_cfg, tmp_path):
+    """A concurrent `eqlen stage` recorded between a failed run's start and its failure keeps
+    its entry; the failed run's own entries and config go back to what they were."""
+    _run(make_cfg("iterations=1"), tmp_path)
+    rec = runner.RunRecord(tmp_path)
+    snap = rec.snapshot()
+    data = rec.load()
+    data["config"]["seed"] = 99  # the failed run's start
+    data["iterations"][0]["stages"]["update"]["key"] = "written-by-the-failed-run"
+    data["iterations"][0]["stages"]["pair"]["key"] = "written-by-a-concurrent-stage"
+    rec.save(data)
+    rec.restore(snap, [(0, "generate"), (0, "update")])
+    after = rec.load()
+    assert after["config"] == snap["data"]["config"]
+    assert (
+        after["iterations"][0]["stages"]["update"]
+        == snap["data"]["iterations"][0]["stages"]["update"]
+    )
+    assert after["iterations"][0]["stages"]["pair"]["key"] == "written-by-a-concurrent-stage"
+
+
+def test_extending_a_run_offline_from_its_last_policy(make_cfg, tmp_path):
+    cfg = make_cfg("iterations=2")
+    _run(cfg, tmp_path)
+    refs = runner.resolve_inputs("generate", cfg, tmp_path, 2)
+    assert refs["policy"].path == str(
+        Path(runner.RunRecord(tmp_path).entry(1, "update")["path"]) / "model"
+    )
+    res = runner.run_stage("generate", cfg, tmp_path, 2, refs, log=lambda m: None)
+    assert res.rows > 0

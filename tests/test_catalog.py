@@ -158,3 +158,40 @@ def test_the_readme_round_trip(prefect_server, tmp_path):
     assert len(pair_rows) == 1 and pair_rows[0]["path"] == units
     out = eqlen("gc", made / "cache", "--min-age-hours", "0").stdout
     assert "removed 0" in out  # every output is still used by the run that made it
+
+
+def test_gc_never_touches_what_it_cannot_vouch_for(make_cfg, tmp_path):
+    """The run dir given instead of its cache, a folder that is no cache, a copied and moved
+    run, a damaged run.json, --keep-last 0: gc removes nothing it cannot vouch for."""
+    import shutil
+
+    run = tmp_path / "runs" / "a"
+    _run(make_cfg("iterations=2"), run)
+    with pytest.raises(runner.RunError, match="not a cache directory"):
+        catalog.gc(run, min_age_hours=0)  # RUN instead of RUN/cache
+    (tmp_path / "mydata" / "notes" / "2024").mkdir(parents=True)
+    with pytest.raises(runner.RunError, match="not a cache directory"):
+        catalog.gc(tmp_path / "mydata", min_age_hours=0)
+    with pytest.raises(runner.RunError, match="N >= 1"):
+        catalog.gc(run / "cache", keep_last=0, min_age_hours=0)
+    # A copy moved elsewhere: its own cache is still in use by it.
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)
+    res = catalog.gc(moved / "cache", min_age_hours=0)
+    assert res.removed == [] and res.kept_in_use == len(catalog.datasets(moved / "cache"))
+    (moved / "run.json").write_text('{"iterations": [')
+    with pytest.raises(runner.RunError, match="damaged"):
+        catalog.gc(moved / "cache", min_age_hours=0)
+
+
+def test_a_run_trained_on_another_caches_units_is_listed_there(make_cfg, tmp_path):
+    cfg = make_cfg("iterations=1")
+    _run(cfg, tmp_path / "made")
+    units = runner.RunRecord(tmp_path / "made").entry(0, "pair")["path"]
+    user = tmp_path / "user"
+    refs = runner.resolve_inputs("update", cfg, user, 0, {"units": units})
+    runner.run_stage("update", cfg, user, 0, refs, log=lambda m: None)
+    pair_rows = [d for d in catalog.datasets(tmp_path / "made" / "cache") if d.stage == "pair"]
+    assert pair_rows[0].runs == sorted([str(tmp_path / "made"), str(user)])
