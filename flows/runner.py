@@ -1,5 +1,8 @@
 """Runs one stage with caching and records it in the run directory.
 
+(Over 500 lines: the wiring, the run record and the input resolution all read the same
+record format; split them when the Ray runner of the scale-out issue lands beside it.)
+
 This is the one place that knows how stages connect, and it learns it from the stages'
 declarations (`STAGE` in each stage module, see pipeline/stage.py): a stage's input label
 is the output label of the stage that makes it, in the same iteration when that stage comes

@@ -1,5 +1,8 @@
 """The Prefect API server that `eqlen run` uses when none is configured.
 
+(Over 500 lines: one lifecycle - start, reuse, health, idle stop, kill-with-run, stop - that
+reads best in one place.)
+
 With no `PREFECT_API_URL` (environment, Prefect profile or prefect.toml), Prefect 3.7.7 would
 start a temporary server in every process (`SubprocessASGIServer`: 4-11 s per run on 2
 cores) and leave it running forever when the run is SIGKILLed (it is stopped by `atexit`

@@ -1,5 +1,8 @@
 """Stage 2, score: add rewards to rollouts.
 
+(Over 500 lines: the reward contract and its error reporting; the built-in rewards move to
+their own module when math_verify and reward models arrive.)
+
 Each entry of `score.reward_funcs` is a built-in name or `module:function`. A reward
 function follows TRL's contract: it is called with keyword arguments
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eqlen_testing.cli import eqlen
+from eqlen_testing.cli import SMALL, eqlen
 from flows import catalog, runner
 
 
@@ -95,16 +95,6 @@ def test_input_runs_a_stage_on_any_dataset_folder_and_checks_its_schema(make_cfg
 def test_the_readme_round_trip(prefect_server, tmp_path):
     """Make units once; train GRPO, GSPO and RLOO on the same units in three runs; open them
     in polars and `datasets`; list and collect the cache (the README's commands)."""
-    small = [
-        "--set",
-        "data.demo_size=64",
-        "--set",
-        "data.prompts_per_iteration=4",
-        "--set",
-        "generate.group_size=4",
-        "--set",
-        "generate.max_new_tokens=8",
-    ]
     made = tmp_path / "runs" / "made"
     eqlen(
         "run",
@@ -116,7 +106,7 @@ def test_the_readme_round_trip(prefect_server, tmp_path):
         "pair.strategy=eqlen",
         "--set",
         "generate.rounds=4",
-        *small,
+        *SMALL,
     )
     units = json.loads(eqlen("show", made, "--json").stdout)["iterations"][0]["stages"]["pair"][
         "path"
@@ -134,7 +124,7 @@ def test_the_readme_round_trip(prefect_server, tmp_path):
             f"update.algorithm={algo}",
             "--set",
             "update.loss_agg=unit_mean",
-            *small,
+            *SMALL,
         ).stdout
         assert "update (iteration 0) ran" in out
         shown = json.loads(eqlen("show", tmp_path / "runs" / algo, "--json").stdout)

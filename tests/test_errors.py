@@ -1,5 +1,6 @@
 """One clear error per user mistake: exit code 2, a few lines naming the file, line, column,
 row or function and what to do, no traceback, and nothing already written changed.
+(Over 500 lines: one test per row of the README's errors table, kept together.)
 
 Most cases fail in the preflight (flows/preflight.py), before Prefect starts: those run
 the real `eqlen` command with PREFECT_API_URL pointing at a closed port, so a command that
