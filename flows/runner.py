@@ -49,6 +49,14 @@ RUN_FIELDS = {
     "data.prompt_column": "how the prompts input is read (in its key)",
     "data.id_column": "how the prompts input is read (in its key)",
     "data.demo_size": "the demo prompts input (in its key)",
+    "data.split": "how the prompts input is read (in its key)",
+    "data.subset": "how the prompts input is read (in its key)",
+    "data.answer_column": "how the prompts input is read (in its key)",
+    "data.system_prompt": "part of the prompts input's messages (in its key)",
+    "eval.every": "when the loop runs the eval stage, not what it computes",
+    "log.to": "where metrics are copied to, not what they are",
+    "log.dir": "where metrics are copied to, not what they are",
+    "log.project": "where metrics are copied to, not what they are",
 }
 
 

