@@ -5,6 +5,10 @@ eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]
             [--input LABEL=PATH ...] [--config FILE]
 eqlen show  DIR [--json]
 eqlen plot  DIR [--out PNG]
+eqlen eval  MODEL_OR_RUN_DIR [--data FILE] [--k K] [--max-prompts N] [--temperature T]
+            [--max-new-tokens N] [--run-dir DIR] [--set KEY=VALUE ...] [--config FILE]
+            [--force] [--json]
+eqlen export RUN_DIR OUT [--iteration I] [--force]
 eqlen experiment [--out DIR] [--methods a,b] [--seeds 0,1,2] [--set KEY=VALUE ...]
 eqlen config            (every config key with its type, default and meaning)
 eqlen datasets [CACHE_DIR] [--json]      (every stage output in a cache, the runs using it)
@@ -65,6 +69,7 @@ def cmd_run(args) -> int:
     from flows import preflight
 
     preflight.check(cfg, run_dir)
+    _check_eval_and_tracking(cfg)
     _prefect_env()
     from flows.server import ForRun
 
@@ -83,6 +88,111 @@ def cmd_run(args) -> int:
     report.print_summary(run_dir)
     report.console.print(
         f"done in {time.perf_counter() - t0:.1f}s; inspect with `eqlen show {run_dir}`"
+    )
+    return 0
+
+
+def _check_eval_and_tracking(cfg) -> None:
+    """Before Prefect starts: trackers installed (log.to), held-out prompts readable."""
+    from flows import tracking
+
+    tracking.check(cfg)
+    if cfg.eval.every > 0:
+        import dataclasses
+
+        from pipeline import prompts
+        from stages.evaluate import check_config
+
+        check_config(cfg)
+        held = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts=cfg.eval.data))
+        prompts.load_table(held)
+
+
+def cmd_eval(args) -> int:
+    """eqlen eval MODEL_OR_RUN_DIR: avg@k and pass@k of a model folder (or hub id), or of a
+    run's latest policy with the run's config, on held-out prompts; a cached stage output."""
+    import json
+
+    from flows import report, runner
+    from pipeline import config
+    from stages.evaluate import check_config
+
+    runner.load_stages()
+    target = Path(args.target).expanduser()
+    is_run = (target / "run.json").is_file()
+    overrides = list(args.set)
+    for key, value in (
+        ("eval.data", args.data),
+        ("eval.k", args.k),
+        ("eval.max_prompts", args.max_prompts),
+        ("eval.temperature", args.temperature),
+        ("eval.max_new_tokens", args.max_new_tokens),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if is_run:
+        run_dir = target.resolve()
+        cfg = config.load(args.config, overrides, base=runner.RunRecord(run_dir).config())
+        policy, updates = runner.latest_policy(run_dir)
+        what = f"{run_dir} after {updates} update{'s' * (updates != 1)}"
+    else:
+        run_dir = Path(args.run_dir).resolve()
+        cfg = config.load(args.config, [*overrides, f"model={args.target}"])
+        policy = runner.policy_input(cfg)
+        what = args.target
+    if not cfg.eval.data:
+        raise runner.RunError(
+            "eqlen eval needs held-out prompts: --data FILE (a .jsonl/.json/.parquet file or "
+            "folder, as data.prompts takes)"
+        )
+    check_config(cfg)
+    heldout = runner.heldout_input(cfg, runner.cache_root(cfg, run_dir))
+    _runtime()
+    res = runner.run_stage(
+        "eval",
+        cfg,
+        run_dir,
+        0,
+        {"heldout": heldout, "policy": policy},
+        force=args.force,
+        log=lambda m: None,
+        record=False,
+    )
+    m, k = res.metrics, res.metrics["k"]
+    out = {
+        f"avg@{k}": m[f"avg@{k}"],
+        f"pass@{k}": m[f"pass@{k}"],
+        "n_prompts": m["n_prompts"],
+        "k": k,
+        **{key: v for key, v in m.items() if key.startswith("pass@")},
+        "mean_len_correct": m["mean_len_correct"],
+        "mean_len_incorrect": m["mean_len_incorrect"],
+        "model": policy.path,
+        "dataset": res.path,
+        "cached": res.cached,
+    }
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    state = "served from cache" if res.cached else f"ran in {res.seconds:.1f}s"
+    passes = "  ".join(f"{key} {v:.3f}" for key, v in m.items() if key.startswith("pass@"))
+    report.console.print(
+        f"eval of {what} on {m['n_prompts']} held-out prompts x {k} samples ({state}):\n"
+        f"  avg@{k} {m[f'avg@{k}']:.3f}  {passes}\n"
+        f"  mean length: correct {report._fmt(m['mean_len_correct'], '.1f')}, incorrect "
+        f"{report._fmt(m['mean_len_incorrect'], '.1f')} tokens\n"
+        f"  rows (one per prompt and sample): {res.path}/eval.parquet"
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flows.export import export
+
+    out = export(args.run_dir, args.out, iteration=args.iteration, force=args.force)
+    print(
+        f"exported the policy of iteration {out.iteration} ({out.source}) -> {out.path} "
+        f"({out.files} files, {out.bytes / 1e6:.1f} MB)"
     )
     return 0
 
@@ -304,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage on the inputs recorded in a run directory")
-    s.add_argument("name", help="generate, score, pair or update")
+    s.add_argument("name", help="eval, generate, score, pair or update")
     s.add_argument("--run-dir", required=True)
     s.add_argument("--iteration", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -314,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="LABEL=PATH",
-        help="take input LABEL (rollouts, scored, units, prompts, policy, reference) "
+        help="take input LABEL (rollouts, scored, units, prompts, heldout, policy, reference) "
         "from a dataset folder anywhere, e.g. another run's units",
     )
     s.add_argument("--config", help="YAML config file, for a run directory with no record yet")
@@ -329,6 +439,46 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir")
     pl.add_argument("--out", help="PNG path (default DIR/progress.png)")
     pl.set_defaults(fn=cmd_plot)
+
+    ev = sub.add_parser(
+        "eval",
+        help="avg@k and pass@k of a model, or of a run's latest policy, on held-out prompts",
+    )
+    ev.add_argument(
+        "target",
+        metavar="MODEL_OR_RUN_DIR",
+        help="a model folder, a hub id in the local HF cache, `demo`, or a run directory (its "
+        "latest policy, with its config)",
+    )
+    ev.add_argument("--data", help="held-out prompts (eval.data): .jsonl/.json/.parquet")
+    ev.add_argument("--k", type=int, help="samples per prompt (eval.k)")
+    ev.add_argument("--max-prompts", type=int, help="first N prompts only (eval.max_prompts)")
+    ev.add_argument("--temperature", type=float, help="sampling temperature (eval.temperature)")
+    ev.add_argument(
+        "--max-new-tokens", type=int, help="token budget per response (eval.max_new_tokens)"
+    )
+    ev.add_argument(
+        "--run-dir",
+        default="runs/eval",
+        help="for a model: where the eval's cache lives (default runs/eval; a run directory "
+        "target uses its own cache)",
+    )
+    ev.add_argument("--config", help="YAML config file (rewards, engine, ...)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--force", action="store_true", help="rerun even if cached")
+    ev.add_argument("--json", action="store_true", help='one JSON object: {"avg@K": .., ...}')
+    ev.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a run's trained model as a clean Hugging Face folder")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("out", metavar="OUT", help="folder to write (must be empty or absent)")
+    ex.add_argument(
+        "--iteration",
+        type=int,
+        help="the model of this iteration's update (default: the last recorded update)",
+    )
+    ex.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    ex.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("experiment", help="baselines and EqLen on the same task, seeds, budget")
     e.add_argument("--out", default="runs/experiment", help="output folder (results.md, runs/)")

@@ -61,7 +61,11 @@ def row_of(stages: dict) -> dict:
     def m(stage, key):
         return (stages.get(stage) or {}).get("metrics", {}).get(key)
 
+    k = m("eval", "k")
     return {
+        "eval_k": k,
+        "avg_at_k": m("eval", f"avg@{k}"),
+        "pass_at_k": m("eval", f"pass@{k}"),
         "reward": m("score", "reward_mean"),
         "accuracy": m("score", "accuracy"),
         "len_correct": m("score", "mean_len_correct"),
@@ -80,25 +84,39 @@ def iteration_line(i: int, results: dict) -> None:
         for k, v in results.items()
     }
     r = row_of(stages)
-    console.print(
-        f"[bold]it {i}[/]  reward {_fmt(r['reward'])}  "
-        f"len ok {_fmt(r['len_correct'], '.2f')}  "
+    k = r["eval_k"]
+    held = f"avg@{k} {_fmt(r['avg_at_k'])}  pass@{k} {_fmt(r['pass_at_k'])}  " if k else ""
+    train = (
+        f"reward {_fmt(r['reward'])}  len ok {_fmt(r['len_correct'], '.2f')}  "
         f"len bad {_fmt(r['len_incorrect'], '.2f')}  "
-        f"{r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}"
+        if "score" in stages or not k
+        else "(final policy) "
+    )
+    console.print(
+        f"[bold]it {i}[/]  {train}{held}{r['seconds']:.1f}s  cached {r['cached']}/{len(stages)}"
     )
 
 
 def print_summary(run_dir: str | Path) -> None:
     data = show_data(run_dir)
+    rows = [row_of(it["stages"]) for it in data["iterations"]]
+    ks = sorted({r["eval_k"] for r in rows if r["eval_k"]})
+    held = [f"avg@{ks[0]}", f"pass@{ks[0]}"] if len(ks) == 1 else ["avg@k", "pass@k"]
     t = Table(
         title=f"EqLen run {data['run_dir']}",
         caption="reward: mean over round-0 tracks; len ok / len bad: mean response length "
-        "(tokens) of correct / incorrect responses; eff: effective token ratio",
+        "(tokens) of correct / incorrect responses; eff: effective token ratio"
+        + (
+            f"; {' / '.join(held)}: held-out eval of the policy the iteration starts from "
+            "(a last row with only these: the final policy)"
+            if ks
+            else ""
+        ),
     )
-    for col in ("iter", "reward", "acc", "len ok", "len bad", "units", "eff", "sec", "cached"):
+    cols = ["iter", "reward", "acc", "len ok", "len bad", "units", "eff"]
+    for col in (*cols, *(held if ks else ()), "sec", "cached"):
         t.add_column(col, justify="right")
-    for it in data["iterations"]:
-        r = row_of(it["stages"])
+    for it, r in zip(data["iterations"], rows):
         t.add_row(
             str(it["index"]),
             _fmt(r["reward"]),
@@ -107,6 +125,7 @@ def print_summary(run_dir: str | Path) -> None:
             _fmt(r["len_incorrect"], ".2f"),
             _fmt(r["units"], "d"),
             _fmt(r["eff"]),
+            *((_fmt(r["avg_at_k"]), _fmt(r["pass_at_k"])) if ks else ()),
             f"{r['seconds']:.1f}",
             f"{r['cached']}/{len(it['stages'])}",
         )

@@ -6,10 +6,16 @@ record format; split them when the Ray runner of the scale-out issue lands besid
 This is the one place that knows how stages connect, and it learns it from the stages'
 declarations (`STAGE` in each stage module, see pipeline/stage.py): a stage's input label
 is the output label of the stage that makes it, in the same iteration when that stage comes
-earlier in the loop (generate -> score -> pair -> update), else in the iteration before
-(the update's `policy` feeds the next iteration's generate and update); labels that no
-stage makes (`prompts`, the initial `policy`, the `reference`) are the run's own inputs.
-The Prefect flow and the `eqlen stage` command both call `run_stage`. A run directory holds:
+earlier in the loop (eval -> generate -> score -> pair -> update), else in the iteration
+before (the update's `policy` feeds the next iteration's eval, generate and update); labels
+that no stage makes (`prompts`, `heldout`, the initial `policy`, the `reference`) are the
+run's own inputs. The Prefect flow and the `eqlen stage` command both call `run_stage`.
+
+The held-out eval (stages/evaluate.py) runs when `eval.every` > 0: at iteration i it
+evaluates the policy that iteration starts from (i updates done; 0 = the initial model),
+at i = 0, every, 2*every, ..., and once more after the loop, as iteration N = `iterations`,
+a record holding only the eval of the final policy. `online` also copies every stage's
+metrics to the experiment trackers of `log.to` (flows/tracking.py). A run directory holds:
 
     RUN_DIR/config.yaml      the resolved config of the last `eqlen run`
     RUN_DIR/run.json         per iteration and stage: key, output folder, cached, inputs
@@ -38,7 +44,11 @@ from pipeline.config import Config, to_dict, validate
 from pipeline.errors import EqLenError
 from pipeline.stage import ConfigView, Stage, UndeclaredRead
 
-STAGE_NAMES = ("generate", "score", "pair", "update")
+# In loop order. The eval comes first: it evaluates the policy the iteration starts from,
+# which is what generate samples from.
+STAGE_NAMES = ("eval", "generate", "score", "pair", "update")
+# Stage -> module, where they differ (`eval` would shadow the builtin as a module name).
+STAGE_MODULES = {"eval": "stages.evaluate"}
 # Config keys that no stage reads: they decide the run's own inputs (whose content digests
 # are in every key downstream) or where and how long the loop runs.
 RUN_FIELDS = {
@@ -53,7 +63,10 @@ RUN_FIELDS = {
     "data.subset": "how the prompts input is read (in its key)",
     "data.answer_column": "how the prompts input is read (in its key)",
     "data.system_prompt": "part of the prompts input's messages (in its key)",
+    "model_trust_remote_code": "whether model folders may run their own code (that code is "
+    "in the model folder's digest)",
     "eval.every": "when the loop runs the eval stage, not what it computes",
+    "eval.data": "the held-out prompt source: its content digest keys the `heldout` input",
     "log.to": "where metrics are copied to, not what they are",
     "log.dir": "where metrics are copied to, not what they are",
     "log.project": "where metrics are copied to, not what they are",
@@ -68,13 +81,27 @@ def load_stages() -> None:
     """Import every stage module, so their registries (engines, strategies, algorithms,
     ...) are known to config validation (pipeline/config.py) and to `eqlen config`."""
     for name in STAGE_NAMES:
-        importlib.import_module(f"stages.{name}")
+        importlib.import_module(STAGE_MODULES.get(name, f"stages.{name}"))
 
 
 def stage_spec(name: str) -> Stage:
     if name not in STAGE_NAMES:
         raise RunError(f"unknown stage {name!r}; valid stages: {', '.join(STAGE_NAMES)}")
-    return importlib.import_module(f"stages.{name}").STAGE
+    return importlib.import_module(STAGE_MODULES.get(name, f"stages.{name}")).STAGE
+
+
+def eval_due(cfg: Config, iteration: int) -> bool:
+    """Whether the online loop evaluates at `iteration` (see the module docstring)."""
+    every = cfg.eval.every
+    return every > 0 and (iteration % every == 0 or iteration == cfg.iterations)
+
+
+# When the online loop runs a stage, for the stages that do not run every iteration.
+SCHEDULE: dict[str, Callable[[Config, int], bool]] = {"eval": eval_due}
+
+
+def due(name: str, cfg: Config, iteration: int) -> bool:
+    return SCHEDULE[name](cfg, iteration) if name in SCHEDULE else True
 
 
 def producer(label: str, stage: str, iteration: int) -> tuple[str, int] | None:
@@ -193,8 +220,10 @@ def run_stage(
     *,
     force: bool = False,
     log: Callable[[str], None] = print,
+    record: bool = True,
 ) -> StageResult:
-    """Serve stage `name` from cache or run it, then record it in run.json."""
+    """Serve stage `name` from cache or run it, then record it in run.json (unless not
+    `record`: `eqlen eval` on a run's policy leaves the run's record as it is)."""
     run_dir = Path(run_dir).resolve()
     spec = stage_spec(name)
     load_stages()
@@ -228,7 +257,8 @@ def run_stage(
         seconds=round(time.perf_counter() - t0, 3),
         inputs=inputs,
     )
-    RunRecord(run_dir).record(result)
+    if record:
+        RunRecord(run_dir).record(result)
     return result
 
 
@@ -462,10 +492,12 @@ def registered_runs(root: Path) -> list[Path]:
 # Dataset folders by input label: the file a stage reads and its schema (for --input).
 DATASET_FILES = {
     "prompts": "prompts.parquet",
+    "heldout": "prompts.parquet",
     "rollouts": "rollouts.parquet",
     "scored": "scored.parquet",
     "units": "units.parquet",
 }
+DATASET_SCHEMAS = {"heldout": "prompts"}  # labels whose schema has another name
 
 
 def external_input(label: str, path: str | Path) -> Ref:
@@ -490,7 +522,7 @@ def external_input(label: str, path: str | Path) -> Ref:
                 f"--input {label}={path}: {f} is not a readable Parquet file "
                 f"({type(e).__name__}: {e})"
             ) from None
-        schemas.validate(table, schemas.ALL[label], f)
+        schemas.validate(table, schemas.ALL[DATASET_SCHEMAS.get(label, label)], f)
     elif label in ("policy", "reference"):
         if not (path / "config.json").is_file():
             raise RunError(
@@ -541,6 +573,11 @@ def resolve_inputs(
             from pipeline.prompts import materialize
 
             inputs[label] = Ref.of(materialize(cfg, cache_root(cfg, rec.run_dir)))
+            continue
+        if label == "heldout" and not any(
+            label in e.get("inputs", {}) for st in its for e in st.values()
+        ):  # no eval recorded yet: from the config's eval.data
+            inputs[label] = heldout_input(cfg, cache_root(cfg, rec.run_dir))
             continue
         src = producer(label, name, iteration)
         if src is not None:
@@ -602,44 +639,98 @@ def online(
     call: StageCall = _direct,
     on_iteration: Callable[[int, dict], None] | None = None,
 ) -> list[dict[str, StageResult]]:
-    """The online loop: per iteration generate -> score -> pair -> update, then the update's
-    model becomes the next iteration's policy (weight sync). `call` runs one stage: directly
-    here, as a Prefect task in flows/online.py."""
+    """The online loop: per iteration (eval ->) generate -> score -> pair -> update, then
+    the update's model becomes the next iteration's policy (weight sync); with eval on, a
+    last record N = `iterations` holds the final policy's eval. `call` runs one stage:
+    directly here, as a Prefect task in flows/online.py. Every stage's metrics go to the
+    trackers of `log.to` as it ends. Returns one {stage: result} per recorded iteration."""
+    from flows import tracking
     from pipeline.prompts import materialize
 
     run_dir = Path(run_dir).resolve()
     rec = RunRecord(run_dir)
     rec.repair()
+    if cfg.eval.every > 0:
+        from stages.evaluate import check_config
+
+        check_config(cfg)
     # Temporary folders of writers killed earlier (a forced stage, an OOM-killed run): gone
     # now, unless a live writer still owns them.
     cache.sweep(cache_root(cfg, run_dir))
     prompts = Ref.of(materialize(cfg, cache_root(cfg, run_dir)))
+    heldout = heldout_input(cfg, cache_root(cfg, run_dir)) if cfg.eval.every > 0 else None
     policy = reference = policy_input(cfg)
     history, started = [], False
     # Until the first iteration has finished, a failure (a reward that raises, an
     # out-of-memory update) puts the record of the last good run back as it was.
     snapshot, written = rec.snapshot(), []
+    trackers = tracking.open_trackers(run_dir, cfg)  # a missing package fails here, first
+    ok = False
     try:
-        for i in range(cfg.iterations):
+        last = cfg.iterations + (cfg.eval.every > 0)
+        for i in range(last):
             refs = {"prompts": prompts, "policy": policy, "reference": reference}
+            if heldout is not None:
+                refs["heldout"] = heldout
+            # The final record (with eval on) holds the final policy's eval only.
+            names = STAGE_NAMES if i < cfg.iterations else ("eval",)
             results = {}
-            for name in STAGE_NAMES:
+            for name in names:
+                if not due(name, cfg, i):
+                    continue
                 written.append((i, name))  # recorded by the call, or not at all
                 results[name] = res = call(name, cfg, run_dir, i, refs, force)
                 if not started:
                     rec.start(cfg, cfg.iterations)
                     started = True
                 refs[stage_spec(name).output] = res.output()
+                trackers.log_stage(res)
             policy = refs["policy"]
             history.append(results)
             snapshot = None
             if on_iteration is not None:
                 on_iteration(i, results)
+        ok = True
     except BaseException:
         if snapshot is not None:
             rec.restore(snapshot, written)
         raise
+    finally:
+        trackers.close(ok)
     return history
+
+
+def heldout_input(cfg: Config, root: Path) -> Ref:
+    """The held-out prompts of `eval.data`, materialised like the training prompts (the
+    same columns, chat form and dataset settings of `data.*`) under `root/prompts/`."""
+    import dataclasses
+
+    from pipeline.prompts import materialize
+
+    if not cfg.eval.data:
+        raise RunError(
+            "the eval stage needs held-out prompts: set eval.data (a prompt file, same forms "
+            "as data.prompts), e.g. --set eval.data=heldout.jsonl"
+        )
+    held = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts=cfg.eval.data))
+    return Ref.of(materialize(held, root))
+
+
+def latest_policy(run_dir: str | Path) -> tuple[Ref, int]:
+    """The newest policy of a recorded run and the number of updates behind it: the model
+    of the last recorded update, else the run's initial policy."""
+    rec = RunRecord(run_dir)
+    its = rec.entries()
+    for i in range(len(its) - 1, -1, -1):
+        if "update" in its[i]:
+            e = its[i]["update"]
+            sub = stage_spec("update").output_sub
+            return Ref(str(Path(e["path"]) / sub), f"{e['digest']}:{sub}"), i + 1
+    for e in (its[0] if its else {}).values():
+        if "policy" in e.get("inputs", {}):
+            ref = e["inputs"]["policy"]
+            return Ref(ref["path"], ref["digest"]), 0
+    raise RunError(f"{rec.path}: no policy recorded; run an iteration first")
 
 
 def policy_input(cfg: Config) -> Ref:

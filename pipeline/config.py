@@ -175,6 +175,7 @@ class ScoreConfig:
         "column after the reward functions.",
     )
     reward_model_batch_size: int = _f(32, "Responses per reward-model forward pass.")
+    device: str = _f("auto", "Device for the reward models: auto, cpu or cuda.")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from stages import pair, score
 SPECS = {name: runner.stage_spec(name) for name in runner.STAGE_NAMES}
 DIGESTS = {
     "prompts": "p",
+    "heldout": "h",
     "policy": "m",
     "reference": "m",
     "rollouts": "r",
@@ -40,6 +41,7 @@ SPECIAL = {  # a valid other value where "+1" or "not" would not be one
     "data.prompts": "prompts.jsonl",
     "model": "some/folder",
     "cache_dir": "/tmp/elsewhere",
+    "log.to": ["tensorboard"],
 }
 
 
