@@ -82,10 +82,8 @@ def _check_run(cfg: Config) -> None:
     from pipeline import models, prompts
     from stages import score
 
-    if cfg.model == "demo":
-        model = models.DEMO_MODEL_DIR  # no transformers import (2-3 s) for a path
-    else:
-        model = Path(cfg.model).expanduser()
+    # The demo or a folder: no transformers import (2-3 s) for a path.
+    model = models.resolve_model(cfg.model, cfg.model_trust_remote_code)
     config = models.check_folder(model)
     check_lengths(cfg, config, model)
     names = list(cfg.score.reward_funcs)
@@ -152,8 +150,14 @@ def check_lengths(cfg: Config, model_config: dict, model: Path, prompts=None) ->
         return
     import pyarrow.compute as pc
 
-    longest_bytes = pc.max(pc.binary_length(prompts.column("prompt"))).as_py() or 0
-    prompt = min(cfg.data.max_prompt_tokens, longest_bytes + SPECIAL_TOKEN_SLACK)
+    import schemas
+
+    column = prompts.column("prompt")
+    if schemas.is_chat(column.type):  # the chat template's length is known once rendered
+        longest_bytes = prompt = cfg.data.max_prompt_tokens
+    else:
+        longest_bytes = pc.max(pc.binary_length(column)).as_py() or 0
+        prompt = min(cfg.data.max_prompt_tokens, longest_bytes + SPECIAL_TOKEN_SLACK)
     if prompt + g.max_new_tokens > limit:
         why = (
             f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"

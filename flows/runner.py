@@ -63,8 +63,6 @@ RUN_FIELDS = {
     "data.subset": "how the prompts input is read (in its key)",
     "data.answer_column": "how the prompts input is read (in its key)",
     "data.system_prompt": "part of the prompts input's messages (in its key)",
-    "model_trust_remote_code": "whether model folders may run their own code (that code is "
-    "in the model folder's digest)",
     "eval.every": "when the loop runs the eval stage, not what it computes",
     "eval.data": "the held-out prompt source: its content digest keys the `heldout` input",
     "log.to": "where metrics are copied to, not what they are",
@@ -739,8 +737,8 @@ def policy_input(cfg: Config) -> Ref:
         from pipeline.demo import demo_model_dir
 
         return Ref.of(demo_model_dir())
-    from pipeline.models import check_folder
+    from pipeline.models import check_folder, resolve_model
 
-    p = Path(cfg.model).expanduser()
+    p = resolve_model(cfg.model, cfg.model_trust_remote_code)  # a hub id: its snapshot
     check_folder(p)  # config.json, weights, tokenizer: an error naming what is missing
     return Ref.of(p)

@@ -1,5 +1,12 @@
 """Loading the policy and its tokenizer from a local Hugging Face folder.
 
+`model` in the config is `demo`, a local folder, or a hub id (`Qwen/Qwen2.5-0.5B-Instruct`):
+`resolve_model` turns an id into its snapshot folder in the local Hugging Face cache
+(`huggingface_hub.snapshot_download`, which honours `HF_HUB_OFFLINE`, `HF_HOME` and
+`HF_HUB_CACHE`; offline, an uncached id is an error saying so), so every stage, the cache
+keys and vLLM see one local folder. `model_trust_remote_code` is passed to
+`from_pretrained` (and vLLM): off unless set, since it runs Python shipped with the model.
+
 Real `from_pretrained` loading, so any causal LM saved with `save_pretrained` works; the
 checks here turn the usual failure modes (no config, no weights, no tokenizer, no EOS, no
 pad) into errors that name the folder and what to do. `check_folder` and
@@ -53,6 +60,53 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_assets" / "model"
 
 class ModelError(EqLenError, ValueError):
     pass
+
+
+# What a snapshot of a hub model needs: configs, safetensors weights, tokenizer files and
+# the chat template (Python files only with model_trust_remote_code).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` (or `name`) that is no path here: a hub model id."""
+    import re
+
+    p = Path(name).expanduser()
+    return not p.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def resolve_model(name: str, trust_remote_code: bool = False, what: str = "model") -> Path:
+    """The local folder of `name`: itself, or a hub id's snapshot (downloaded into the
+    local Hugging Face cache unless HF_HUB_OFFLINE=1, when it must be there already)."""
+    if name == "demo":
+        return DEMO_MODEL_DIR
+    if not is_hub_id(name):
+        return Path(name).expanduser()
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = [*HUB_PATTERNS, *(["*.py"] if trust_remote_code else [])]
+    try:
+        folder = snapshot_download(name, allow_patterns=patterns)
+    except LocalEntryNotFoundError as e:
+        offline = constants.HF_HUB_OFFLINE
+        raise ModelError(
+            f"{what}={name}: no such folder, and "
+            + (
+                f"with HF_HUB_OFFLINE=1 the hub id {name!r} is not in the local Hugging Face "
+                f"cache ({constants.HF_HUB_CACHE}). Download it once where there is network "
+                "access (`hf download " + name + "`), or give a local model folder."
+                if offline
+                else f"the hub id {name!r} could not be fetched ({e}). Check the id and the "
+                "network, or give a local model folder."
+            )
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelError(
+            f"{what}={name}: the hub id could not be loaded ({type(e).__name__}: {e}). Check "
+            "the id, or give a local model folder."
+        ) from None
+    return Path(folder)
 
 
 def check_folder(model_dir: str | Path, what: str = "model", tokenizer: bool = True) -> dict:
@@ -141,12 +195,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(model_dir: str | Path):
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"{model_dir}: no usable tokenizer ({e}). Save one next to the model "
@@ -165,11 +219,18 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_policy(model_dir: str | Path, device: torch.device, dtype: torch.dtype | None = None):
+def load_policy(
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
     import torch
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     check_folder(model_dir, tokenizer=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+    )
     return model.to(device).eval()

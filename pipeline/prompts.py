@@ -1,12 +1,30 @@
-"""The prompt dataset: the built-in demo task or a user file, materialised once as Parquet.
+"""The prompt dataset: the built-in demo task or a user dataset, materialised once as Parquet.
 
 `materialize` turns `data.prompts` into `CACHE/prompts/<key>/prompts.parquet` (schema
-`prompts`), keyed like a stage by the source's content digest, so generate reads one
-format and a changed source file changes every key after it. Sources: `demo`, a `.parquet`
-file or folder of them, `.jsonl` or `.json` (records). A missing `prompt_id` column is
-filled from the row number; any other missing or malformed column is an error naming the
-file and the column. A file that cannot be read (not UTF-8, a line that is not JSON, no
-records, a column whose rows mix types) is an error naming the file and the 1-based line.
+`prompts`), keyed like a stage by the source's content digest and the `data.*` settings
+that shape the table, so generate reads one format and a changed source changes every key
+after it. Sources:
+
+- `demo`: the built-in reverse-the-digits task;
+- a `.parquet`, `.jsonl` or `.json` (records) file, or a folder holding only Parquet files
+  (one table);
+- a `datasets` folder: one written by `save_to_disk`, or a dataset repository's files
+  (`train.jsonl`, `data/test-00000-of-00001.parquet`, ...), read by `datasets` with
+  `data.split` and `data.subset`;
+- a `datasets` id (`openai/gsm8k`), loaded with `datasets.load_dataset(id, data.subset,
+  split=data.split)`: from the local Hugging Face cache when `HF_HUB_OFFLINE=1` (an
+  uncached id is then an error saying so), else downloaded there first.
+
+The prompt column (`data.prompt_column`) holds text or a conversation: a list of
+`{"role", "content"}` messages, TRL's conversational format, which generate renders with
+the tokenizer's chat template. `data.system_prompt` puts a system message first in every
+conversation that has none (a text prompt then becomes the conversation `[system, user]`).
+`data.answer_column` is renamed `answer`, the column the built-in rewards read.
+
+A missing `prompt_id` column is filled from the row number; any other missing or
+malformed column is an error naming the file and the column (for messages: the row). A
+file that cannot be read (not UTF-8, a line that is not JSON, no records, a column whose
+rows mix types) is an error naming the file and the 1-based line.
 
 `load_table(cfg)` builds the same table in memory without writing anything: the
 command line's preflight checks (flows/preflight.py) read the prompt file's columns and
@@ -15,8 +33,10 @@ first rows through it before any stage starts, and `materialize` then reuses the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,6 +54,12 @@ _RECORD = 'one JSON object per line, e.g. {"prompt": "...", "answer": "..."}'
 
 def _fail(msg: str):
     raise schemas.SchemaError(msg)
+
+
+def _table_digest(table: pa.Table) -> str:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
 
 
 def _text(p: Path, data: bytes) -> str:
@@ -144,14 +170,72 @@ def read_json(p: Path) -> pa.Table:
     return _table(p, data, None)
 
 
-def read_source(source: str) -> pa.Table:
+FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def is_dataset_id(source: str) -> bool:
+    """`name` or `org/name`, no such path here: a `datasets` id (hub or local cache)."""
     p = Path(source).expanduser()
+    return (
+        not p.exists()
+        and p.suffix not in FILE_SUFFIXES
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
+    )
+
+
+def is_datasets_folder(p: Path) -> bool:
+    """A folder `datasets` reads: not the flat folder of Parquet files read as one table."""
+    if not p.is_dir():
+        return False
+    entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+    return not entries or not all(e.is_file() and e.suffix == ".parquet" for e in entries)
+
+
+def read_dataset(source: str, split: str, subset: str) -> pa.Table:
+    """A `datasets` folder or id as one Arrow table (`data.split` of `data.subset`)."""
+    import datasets
+
+    where = f"data.prompts={source}"
+    p = Path(source).expanduser()
+    try:
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset(str(p) if p.exists() else source, subset or None)
+    except (ValueError, OSError) as e:  # not found, unknown subset, offline, bad files
+        if not p.exists() and datasets.config.HF_HUB_OFFLINE:
+            _fail(
+                f"{where}: no such file or folder, and with HF_HUB_OFFLINE=1 the dataset "
+                f"{source!r} is not in the local Hugging Face cache ({type(e).__name__}: {e}). "
+                "Load it once where there is network access, or give a local file or folder."
+            )
+        _fail(
+            f"{where}: `datasets` could not load it ({type(e).__name__}: {e}). Give `demo`, "
+            "a file, a dataset folder or a dataset id (with data.subset if it has several)."
+        )
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            _fail(
+                f"{where}: no split {split!r} (data.split); splits: {', '.join(ds)}. "
+                "Set data.split to one of them."
+            )
+        ds = ds[split]
+    return ds.with_format("arrow")[:]
+
+
+def read_source(source: str, split: str = "train", subset: str = "") -> pa.Table:
+    p = Path(source).expanduser()
+    if is_dataset_id(source) or is_datasets_folder(p):
+        table = read_dataset(source, split, subset)
+        if table.num_rows == 0:
+            _fail(f"data.prompts: {source} (split {split!r}) holds no records.")
+        return table
     if not p.exists():
         _fail(
-            f"data.prompts: {source} does not exist; give `demo` or a "
-            ".parquet/.jsonl/.json file or folder of Parquet files"
+            f"data.prompts: {source} does not exist; give `demo`, a .parquet/.jsonl/.json "
+            "file, a folder of Parquet files, a `datasets` folder or a `datasets` id"
         )
-    if not (p.is_dir() or p.suffix in (".parquet", ".jsonl", ".json")):
+    if not (p.is_dir() or p.suffix in FILE_SUFFIXES):
         _fail(f"data.prompts: {p} has unknown format {p.suffix!r}; use .parquet, .jsonl or .json")
     try:
         if p.is_dir() or p.suffix == ".parquet":
@@ -182,9 +266,22 @@ def source_digest(cfg: Config):
     d = cfg.data
     if d.prompts == "demo":
         return {"demo": d.demo_size, "seed": cfg.seed}
+    if is_dataset_id(d.prompts):
+        # The hub's files are not at hand before loading: key by the content of the table
+        # `datasets` serves (its cache makes a second load cheap).
+        table = read_source(d.prompts, d.split, d.subset)
+        return {
+            "dataset": d.prompts,
+            "split": d.split,
+            "subset": d.subset,
+            "content": _table_digest(table),
+        }
     p = Path(d.prompts).expanduser()
     try:
-        return cache.folder_digest(p) if p.is_dir() else cache.source_digest(p)
+        digest = cache.folder_digest(p) if p.is_dir() else cache.source_digest(p)
+        if is_datasets_folder(p):
+            return {"folder": digest, "split": d.split, "subset": d.subset}
+        return digest
     except FileNotFoundError:
         read_source(d.prompts)  # raises naming the file
         raise
@@ -204,12 +301,7 @@ def load_table(cfg: Config, digest=None) -> pa.Table:
     """The prompts table `materialize` writes: columns renamed, ids filled, validated."""
     d = cfg.data
     digest = source_digest(cfg) if digest is None else digest
-    memo_key = (
-        json.dumps(digest, sort_keys=True, default=str),
-        d.prompts,
-        d.prompt_column,
-        d.id_column,
-    )
+    memo_key = (json.dumps(digest, sort_keys=True, default=str), *shaping(cfg).values())
     if memo_key in _memo:
         return _memo[memo_key]
     if d.prompts == "demo":
@@ -217,7 +309,7 @@ def load_table(cfg: Config, digest=None) -> pa.Table:
 
         table = make_demo_prompts(d.demo_size, seed=cfg.seed)
     else:
-        table = read_source(d.prompts)
+        table = read_source(d.prompts, d.split, d.subset)
     where = "the demo" if d.prompts == "demo" else d.prompts
     if d.prompt_column not in table.column_names:
         _fail(
@@ -237,12 +329,72 @@ def load_table(cfg: Config, digest=None) -> pa.Table:
         ids = pa.array([f"p{i:06d}" for i in range(table.num_rows)])
     table = table.drop_columns([c for c in ("prompt_id",) if c in table.column_names])
     table = table.add_column(0, "prompt_id", ids)
+    if d.answer_column != "answer" and d.answer_column in table.column_names:
+        table = table.drop_columns([c for c in ("answer",) if c in table.column_names])
+        table = table.rename_columns(
+            ["answer" if c == d.answer_column else c for c in table.column_names]
+        )
+    elif d.answer_column != "answer":
+        _fail(
+            f"file {where}: no column '{d.answer_column}' (data.answer_column); columns: "
+            f"{', '.join(table.column_names)}. Set data.answer_column to the answer's column."
+        )
+    table = conversations(table, where, d.system_prompt)
     table = schemas.validate(table, schemas.PROMPTS, where)
     if len(set(table.column("prompt_id").to_pylist())) != table.num_rows:
         _fail(f"file {where}, column '{d.id_column}': ids are not unique")
     _memo.clear()
     _memo[memo_key] = table
     return table
+
+
+def shaping(cfg: Config) -> dict:
+    """The data.* settings that shape the prompts table (beside the source's content)."""
+    d = cfg.data
+    return {
+        "prompt_column": d.prompt_column,
+        "id_column": d.id_column,
+        "answer_column": d.answer_column,
+        "system_prompt": d.system_prompt,
+    }
+
+
+def conversations(table: pa.Table, where: str, system_prompt: str) -> pa.Table:
+    """The prompt column as text, or as messages of exactly {role, content} strings (what
+    `datasets` or JSON give may order or type the fields otherwise); a system message
+    first where `system_prompt` asks for one."""
+    col = table.column("prompt")
+    chat = schemas.is_chat(col.type)
+    if not chat and not system_prompt:
+        return table
+    rows = col.to_pylist()
+    out = []
+    for i, conv in enumerate(rows):
+        if not chat:
+            conv = [{"role": "user", "content": conv}]
+        if not isinstance(conv, list) or not conv:
+            _fail(
+                f"file {where}, column 'prompt', row {i}: an empty conversation. Give at "
+                "least one message."
+            )
+        msgs = []
+        for m in conv:
+            if not (
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+            ):
+                _fail(
+                    f"file {where}, column 'prompt', row {i}: message {m!r} is not "
+                    '{"role": "...", "content": "..."} with text in both. Write TRL\'s '
+                    "conversational format."
+                )
+            msgs.append({"role": m["role"], "content": m["content"]})
+        if system_prompt and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        out.append(msgs)
+    i = table.column_names.index("prompt")
+    return table.set_column(i, "prompt", pa.array(out, schemas.CHAT))
 
 
 def materialize(cfg: Config, root: Path) -> Path:
@@ -253,8 +405,7 @@ def materialize(cfg: Config, root: Path) -> Path:
             "stage": "prompts",
             "version": VERSION,
             "source": digest,
-            "prompt_column": d.prompt_column,
-            "id_column": d.id_column,
+            **shaping(cfg),
             "code": code_digest("pipeline.prompts"),
         }
     )

@@ -37,6 +37,8 @@ class Column:
     doc: str
     nullable: bool = False
     len_of: str | None = None  # list column: per-row length equals this int column / list column
+    # Other types the column may have instead (the prompt: text, or chat messages).
+    alt: tuple[pa.DataType, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class Schema:
 
 I32, I64, F32, F64, STR = pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.string()
 IDS = pa.list_(I32)
+# A conversational prompt, TRL's format: a list of {"role", "content"} messages.
+MESSAGE = pa.struct([("role", STR), ("content", STR)])
+CHAT = pa.list_(MESSAGE)
+
+
+def is_chat(t: pa.DataType) -> bool:
+    """Whether a `prompt` column holds conversations (lists of messages), not text."""
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
 
 PROMPTS = Schema(
     "prompts",
@@ -70,8 +81,11 @@ PROMPTS = Schema(
         Column(
             "prompt",
             STR,
-            "Prompt text, tokenized by the policy's tokenizer without special "
-            "tokens beyond what the tokenizer adds.",
+            "Prompt text, tokenized by the policy's tokenizer (with the special tokens it "
+            "adds); or a conversation, a list of {role, content} messages (TRL's "
+            "conversational format), rendered by the tokenizer's chat template with the "
+            "generation prompt.",
+            alt=(CHAT,),
         ),
     ),
     "One row per prompt. Other columns (e.g. `answer`) are kept and passed to reward functions.",
@@ -81,7 +95,7 @@ ROLLOUTS = Schema(
     "rollouts",
     (
         Column("prompt_id", STR, "Id of the prompt this track answers."),
-        Column("prompt", STR, "Prompt text."),
+        Column("prompt", STR, "Prompt text, or its messages (as in prompts).", alt=(CHAT,)),
         Column("iteration", I32, "Online iteration that generated the track."),
         Column(
             "prompt_ids", IDS, "Token ids of the prompt (the context c_0 of every round-0 track)."
@@ -216,7 +230,22 @@ def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
         return True
     if pa.types.is_list(expected) and (pa.types.is_list(actual) or pa.types.is_large_list(actual)):
         return _type_ok(actual.value_type, expected.value_type)
+    if pa.types.is_struct(expected) and pa.types.is_struct(actual):
+        want = {f.name: f.type for f in expected}
+        have = {f.name: f.type for f in actual}
+        return want.keys() == have.keys() and all(_type_ok(have[n], t) for n, t in want.items())
     return False
+
+
+def _target(schema: Schema, table: pa.Table) -> pa.Schema:
+    """The schema's types, with an alternative type where the table's column has that one."""
+    fields = []
+    for c in schema.columns:
+        actual = table.schema.field(c.name).type
+        t = next((a for a in c.alt if _type_ok(actual, a)), None)
+        t = c.type if t is None or _type_ok(actual, c.type) else t
+        fields.append(pa.field(c.name, t, nullable=c.nullable))
+    return pa.schema(fields)
 
 
 def validate(table: pa.Table, schema: Schema, path: str | Path | None = None) -> pa.Table:
@@ -241,12 +270,16 @@ def validate(table: pa.Table, schema: Schema, path: str | Path | None = None) ->
                 f"Add it ({col.doc}) or regenerate the dataset with this version.",
             )
         arr = table.column(col.name)
-        if not (_type_ok(arr.type, col.type) or (col.nullable and pa.types.is_null(arr.type))):
+        if not (
+            _type_ok(arr.type, col.type)
+            or any(_type_ok(arr.type, t) for t in col.alt)
+            or (col.nullable and pa.types.is_null(arr.type))
+        ):
             _fail(
                 path,
                 col.name,
                 None,
-                f"has type {arr.type}, expected {col.type}",
+                f"has type {arr.type}, expected {' or '.join(map(str, (col.type, *col.alt)))}",
                 "Write the column with the expected type.",
             )
         if not col.nullable and arr.null_count:
@@ -262,7 +295,7 @@ def validate(table: pa.Table, schema: Schema, path: str | Path | None = None) ->
                     "is NaN",
                     "Fix the function or data that produced it; NaN cannot be trained on.",
                 )
-    cast = table.select([c.name for c in schema.columns]).cast(schema.arrow())
+    cast = table.select([c.name for c in schema.columns]).cast(_target(schema, table))
     for col in schema.columns:
         if col.len_of is None:
             continue
@@ -308,6 +341,7 @@ def describe_markdown() -> str:
         for c in s.columns:
             extra = f" Length = `{c.len_of}`." if c.len_of else ""
             null = " Nullable." if c.nullable else ""
-            out.append(f"| `{c.name}` | `{c.type}` | {c.doc}{extra}{null} |")
+            types = " or ".join(f"`{t}`" for t in (c.type, *c.alt))
+            out.append(f"| `{c.name}` | {types} | {c.doc}{extra}{null} |")
         out.append("")
     return "\n".join(out)

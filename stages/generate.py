@@ -12,6 +12,11 @@ sampling log-probs, finish reason and the lineage columns `pair_id`, `track_id`,
 `parent_track_id`, `birth_round`, `own_start`. Prompt columns other than the prompt text
 (e.g. `answer`) are carried through for reward functions.
 
+A prompt is text, tokenized as the tokenizer does by default (its special tokens
+included), or a conversation (a list of {role, content} messages, TRL's conversational
+format), rendered by the tokenizer's chat template with the generation prompt, as TRL and
+verl do: `prompt_ids` are the template's tokens, so the policy sees what it was tuned on.
+
 Departure from the paper: none in the sampling itself; the recorded log-probs are of the
 temperature-scaled distribution before top-p/top-k filtering (as TRL recomputes them).
 """
@@ -58,15 +63,32 @@ def select_prompts(table: pa.Table, n: int, iteration: int, seed: int) -> pa.Tab
     return table.take(pa.array(take))
 
 
+def prompt_encoder(tokenizer, policy: Path, prompts_file: Path):
+    """prompt (text or messages) -> token ids, as the policy's tokenizer renders it."""
+
+    def encode(prompt: str | list[dict]) -> list[int]:
+        if isinstance(prompt, str):
+            return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if tokenizer.chat_template is None:
+            raise schemas.SchemaError(
+                f"file {prompts_file}, column 'prompt': the prompts are conversations (lists "
+                f"of messages), but the tokenizer of {policy} has no chat template to render "
+                "them. Use a chat model's tokenizer, set tokenizer.chat_template and "
+                "save_pretrained, or give text prompts."
+            )
+        # The template writes the special tokens itself (TRL: add_special_tokens=False).
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    return encode
+
+
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     prompts_file = inputs["prompts"] / "prompts.parquet"
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
     batch = select_prompts(prompts, cfg.data.prompts_per_iteration, ctx.iteration, cfg.seed)
-    tokenizer = load_tokenizer(inputs["policy"])
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
-
+    tokenizer = load_tokenizer(inputs["policy"], cfg.model_trust_remote_code)
+    encode = prompt_encoder(tokenizer, inputs["policy"], prompts_file)
     prompt_ids = [encode(t) for t in batch.column("prompt").to_pylist()]
     for i, ids in enumerate(prompt_ids):
         if len(ids) > cfg.data.max_prompt_tokens:
@@ -142,7 +164,16 @@ STAGE = Stage(
     reads=reads,
     packages=lambda cfg: ("torch", "transformers", *ENGINES.get(cfg.generate.engine).packages),
     # What only changes where or how fast an engine samples: read, not in the key.
-    ignores=tuple(sorted({k for n in ENGINES.names() for k in ENGINES.get(n).ignores})),
+    # (model_trust_remote_code: whether the folder's own code may run; that code is in the
+    # policy's digest.)
+    ignores=tuple(
+        sorted(
+            {
+                "model_trust_remote_code",
+                *(k for n in ENGINES.names() for k in ENGINES.get(n).ignores),
+            }
+        )
+    ),
     implementation=lambda cfg: f"generate.{cfg.generate.engine}",
     run=run,
     module=__name__,

@@ -215,7 +215,7 @@ def generate(
     `generate.batch_tracks` tracks."""
     g = cfg.generate
     device = resolve_device(g.device)
-    model = load_policy(policy_dir, device)
+    model = load_policy(policy_dir, device, trust_remote_code=cfg.model_trust_remote_code)
     # The sampler draws on the model's device; one seeded stream per (seed, iteration).
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
     per_chunk = max(1, g.batch_tracks // g.group_size)

@@ -74,7 +74,9 @@ def _model_max_len(policy_dir: Path) -> int | None:
     return conf.get("max_position_embeddings")
 
 
-def llm_kwargs(policy_dir: Path, g, max_prompt_tokens: int, seed: int) -> dict:
+def llm_kwargs(
+    policy_dir: Path, g, max_prompt_tokens: int, seed: int, trust_remote_code: bool = False
+) -> dict:
     """The `vllm.LLM(...)` arguments for generate config `g`, CPU settings applied when no
     GPU is present."""
     gpu = on_gpu()
@@ -91,6 +93,7 @@ def llm_kwargs(policy_dir: Path, g, max_prompt_tokens: int, seed: int) -> dict:
         tensor_parallel_size=g.vllm_tensor_parallel_size,
         logprobs_mode="processed_logprobs",
         generation_config="vllm",
+        trust_remote_code=trust_remote_code,
     )
     if gpu:
         kw.update(
@@ -175,7 +178,12 @@ def _load_state_dict(policy_dir: Path) -> list[tuple[str, torch.Tensor]]:
 
 
 def live_engine(
-    policy_dir: Path, g, max_prompt_tokens: int, seed: int, log=print
+    policy_dir: Path,
+    g,
+    max_prompt_tokens: int,
+    seed: int,
+    log=print,
+    trust_remote_code: bool = False,
 ) -> tuple[LiveEngine, dict]:
     """The process's engine serving the weights in `policy_dir`: started if there is none
     (or its settings or architecture differ), else synced to the new weights in place.
@@ -183,7 +191,7 @@ def live_engine(
     "weight_sync_s"}."""
     global _LIVE
     _set_environment(g)
-    kw = llm_kwargs(policy_dir, g, max_prompt_tokens, seed)
+    kw = llm_kwargs(policy_dir, g, max_prompt_tokens, seed, trust_remote_code)
     settings = {k: v for k, v in kw.items() if k != "model"}
     arch, weights = _arch_identity(policy_dir), _weights_identity(policy_dir)
     info = {"engine_started": 0, "engine_start_s": 0.0, "weights_synced": 0, "weight_sync_s": 0.0}
@@ -391,7 +399,7 @@ def sync_check(llm, policy_dir: Path, sequence: list[int], device: torch.device)
         [out.prompt_logprobs[i][sequence[i]].logprob for i in range(1, len(sequence))],
         dtype=torch.float64,
     )
-    model = load_policy(policy_dir, device)
+    model = load_policy(policy_dir, device)  # (the sync check's reference forward)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([sequence], device=device)).logits[0, :-1].float()
     hf = torch.log_softmax(logits, -1).gather(
@@ -431,7 +439,14 @@ def generate(
     """The engine contract (stages/engine.py) on the process's live vLLM engine: weights
     synced in place, every prompt's request rounds, then the per-iteration sync check."""
     g = cfg.generate
-    live, info = live_engine(policy_dir, g, cfg.data.max_prompt_tokens, cfg.seed, log=ctx.log)
+    live, info = live_engine(
+        policy_dir,
+        g,
+        cfg.data.max_prompt_tokens,
+        cfg.seed,
+        log=ctx.log,
+        trust_remote_code=cfg.model_trust_remote_code,
+    )
     if info["weights_synced"]:
         ctx.log(
             f"  generate: new weights loaded into the running vLLM engine in "
