@@ -9,6 +9,7 @@ eqlen eval  MODEL_OR_RUN_DIR [--data FILE] [--k K] [--max-prompts N] [--temperat
             [--max-new-tokens N] [--run-dir DIR] [--set KEY=VALUE ...] [--config FILE]
             [--force] [--json]
 eqlen export RUN_DIR OUT [--iteration I] [--force]
+eqlen example chat OUT   (a tiny chat model, word problems and a config, offline)
 eqlen experiment [--out DIR] [--methods a,b] [--seeds 0,1,2] [--set KEY=VALUE ...]
 eqlen config            (every config key with its type, default and meaning)
 eqlen datasets [CACHE_DIR] [--json]      (every stage output in a cache, the runs using it)
@@ -98,14 +99,12 @@ def _check_eval_and_tracking(cfg) -> None:
 
     tracking.check(cfg)
     if cfg.eval.every > 0:
-        import dataclasses
-
+        from flows.runner import heldout_config
         from pipeline import prompts
         from stages.evaluate import check_config
 
         check_config(cfg)
-        held = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts=cfg.eval.data))
-        prompts.load_table(held)
+        prompts.load_table(heldout_config(cfg))
 
 
 def cmd_eval(args) -> int:
@@ -373,6 +372,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_example(args) -> int:
+    """eqlen example chat OUT: the offline GSM8K-style chat example (pipeline/chat_example.py)."""
+    from pipeline.chat_example import write_example
+
+    out = write_example(args.out)
+    print(
+        f"wrote {out}/model (tiny chat model), train.jsonl, test.jsonl and config.yaml; run:\n"
+        f"  eqlen run --config {out}/config.yaml --run-dir runs/chat"
+    )
+    return 0
+
+
 def cmd_experiment(args) -> int:
     from flows.experiment import METHODS, run_experiment
     from flows.runner import load_stages
@@ -479,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     ex.set_defaults(fn=cmd_export)
+
+    xa = sub.add_parser("example", help="write a ready example: `chat` (GSM8K-style, offline)")
+    xa.add_argument("name", choices=["chat"])
+    xa.add_argument("out", metavar="OUT", help="folder to write the model, data and config to")
+    xa.set_defaults(fn=cmd_example)
 
     e = sub.add_parser("experiment", help="baselines and EqLen on the same task, seeds, budget")
     e.add_argument("--out", default="runs/experiment", help="output folder (results.md, runs/)")

@@ -65,6 +65,7 @@ RUN_FIELDS = {
     "data.system_prompt": "part of the prompts input's messages (in its key)",
     "eval.every": "when the loop runs the eval stage, not what it computes",
     "eval.data": "the held-out prompt source: its content digest keys the `heldout` input",
+    "eval.split": "how the heldout input is read (in its key)",
     "log.to": "where metrics are copied to, not what they are",
     "log.dir": "where metrics are copied to, not what they are",
     "log.project": "where metrics are copied to, not what they are",
@@ -700,9 +701,8 @@ def online(
 
 def heldout_input(cfg: Config, root: Path) -> Ref:
     """The held-out prompts of `eval.data`, materialised like the training prompts (the
-    same columns, chat form and dataset settings of `data.*`) under `root/prompts/`."""
-    import dataclasses
-
+    same columns, chat form and dataset settings of `data.*`, eval.split for the split)
+    under `root/prompts/`."""
     from pipeline.prompts import materialize
 
     if not cfg.eval.data:
@@ -710,8 +710,17 @@ def heldout_input(cfg: Config, root: Path) -> Ref:
             "the eval stage needs held-out prompts: set eval.data (a prompt file, same forms "
             "as data.prompts), e.g. --set eval.data=heldout.jsonl"
         )
-    held = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts=cfg.eval.data))
-    return Ref.of(materialize(held, root))
+    return Ref.of(materialize(heldout_config(cfg), root))
+
+
+def heldout_config(cfg: Config) -> Config:
+    """`cfg` with data.prompts (and data.split) those of the held-out prompts, eval.*."""
+    import dataclasses
+
+    data = dataclasses.replace(
+        cfg.data, prompts=cfg.eval.data, split=cfg.eval.split or cfg.data.split
+    )
+    return dataclasses.replace(cfg, data=data)
 
 
 def latest_policy(run_dir: str | Path) -> tuple[Ref, int]:

@@ -284,6 +284,9 @@ class UpdateConfig:
 class EvalConfig:
     every: int = _f(0, "Evaluate the policy on eval.data every N iterations (0 = never).")
     data: str = _f("", "Held-out prompts: same forms as data.prompts (empty = none).")
+    split: str = _f(
+        "", "Split of eval.data when it is a `datasets` id or folder (empty = data.split)."
+    )
     k: int = _f(8, "Responses sampled per held-out prompt (avg@k, pass@k).")
     temperature: float = _f(1.0, "Sampling temperature of the evaluation.")
     max_new_tokens: int = _f(0, "Token budget per response; 0 = generate.max_new_tokens.")

@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
+from pipeline import progress
 from pipeline.config import Config, leaves
 from pipeline.errors import EqLenError
 from pipeline.stage import ConfigView, Stage, UndeclaredRead, expand, get
@@ -172,6 +173,8 @@ class _Context:
     """What the nested generate and score calls see: a chunk index as the iteration (their
     seed offset) and a log that keeps the engines' per-batch lines off the progress bar."""
 
+    progress = False  # the eval's own bar counts prompts
+
     def __init__(self, iteration: int, stage: str = "eval"):
         self.iteration, self.stage = iteration, stage
 
@@ -194,13 +197,6 @@ def _plain(view) -> Config:
     return out
 
 
-def _progress(total: int):
-    # tqdm shows prompts done, rate and ETA on a terminal; disable=None: silent otherwise.
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="eval", unit="prompt", disable=None, dynamic_ncols=True)
-
-
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     prompts_file = inputs["heldout"] / "prompts.parquet"
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
@@ -221,7 +217,10 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     chunk = max(1, g.batch_tracks // g.group_size, math.ceil(n / MAX_CHUNKS))
 
     parts, tokens, next_ids, t0 = [], 0, (0, 0), time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="eqlen-eval-") as tmp, _progress(n) as bar:
+    with (
+        tempfile.TemporaryDirectory(prefix="eqlen-eval-") as tmp,
+        progress.bar(n, "eval", "prompt", ctx) as bar,
+    ):
         tmp = Path(tmp)
         for c, start in enumerate(range(0, n, chunk)):
             part = prompts.slice(start, chunk)

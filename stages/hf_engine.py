@@ -27,6 +27,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import progress
 from pipeline.lazy import lazy_import
 from pipeline.models import load_policy, resolve_device
 from stages.engine import Stats, Track, engine
@@ -220,6 +221,7 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + ctx.iteration)
     per_chunk = max(1, g.batch_tracks // g.group_size)
     tracks, totals = [], HFStats()
+    shown = progress.bar(len(prompt_ids) * g.group_size, "generate", "track", ctx)
     for start in range(0, len(prompt_ids), per_chunk):
         chunk = prompt_ids[start : start + per_chunk]
         got, st = sample_tracks(
@@ -240,9 +242,11 @@ def generate(
         for t in got:
             t.prompt_index += start
         tracks += got
+        shown.update(len(chunk) * g.group_size)
         totals.add(st)
         ctx.log(
             f"  generate: {min(start + per_chunk, len(prompt_ids))}/{len(prompt_ids)} prompts, "
             f"{len(tracks)} tracks"
         )
+    shown.close()
     return tracks, vars(totals)
