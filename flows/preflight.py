@@ -71,16 +71,18 @@ def check(
         prompts_file = Path(inputs["prompts"].path) / "prompts.parquet"
         check_lengths(cfg, config, policy, pq.read_table(prompts_file, columns=["prompt"]))
     elif stage == "score":
-        from stages import score
+        from stages import rewards, score
 
         score.column_names(list(cfg.score.reward_funcs))
         for name in cfg.score.reward_funcs:
             score.resolve(name)
+        for folder in cfg.score.reward_models:
+            rewards.check_model_folder(folder)
 
 
 def _check_run(cfg: Config) -> None:
     from pipeline import models, prompts
-    from stages import score
+    from stages import rewards, score
 
     # The demo or a folder: no transformers import (2-3 s) for a path.
     model = models.resolve_model(cfg.model, cfg.model_trust_remote_code)
@@ -89,6 +91,8 @@ def _check_run(cfg: Config) -> None:
     names = list(cfg.score.reward_funcs)
     score.column_names(names)
     fns = {name: score.resolve(name) for name in names}
+    for folder in cfg.score.reward_models:  # files only: milliseconds
+        rewards.check_model_folder(folder)
     # Now the data: parse it (the demo's is built), then what needs its rows.
     table = prompts.load_table(cfg)
     check_lengths(cfg, config, model, table)

@@ -64,6 +64,7 @@ def build_chat_model(out: Path, seed: int = 0) -> Path:
 
     tok = build_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 192
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -82,6 +83,49 @@ def build_chat_model(out: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def warm_start(model_dir: Path, steps: int = 100, seed: int = 0) -> dict:
+    """A short supervised warm start, so RL has something to sharpen: the model learns to
+    answer `\\boxed{N}` then EOS, with N right half of the time (off by 1-3 otherwise),
+    on problems rendered by the chat template with the example's system prompt. Returns
+    the final loss. Seconds on a CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        seqs, starts = [], []
+        for _ in range(16):
+            p = make_problem(rng)
+            n = int(p["answer"].removeprefix("#### "))
+            if rng.random() < 0.5:
+                n += rng.choice((-3, -2, -1, 1, 2, 3))
+            msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *p["prompt"]]
+            ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"])
+            target = tok(f"\\boxed{{{n}}}", add_special_tokens=False)["input_ids"]
+            seqs.append(ids + target + [tok.eos_token_id])
+            starts.append(len(ids))
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), tok.pad_token_id)
+        labels = torch.full((len(seqs), width), -100)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (seq, start) in enumerate(zip(seqs, starts)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, start : len(seq)] = torch.tensor(seq[start:])  # the response only
+            mask[i, : len(seq)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(model_dir)
+    return {"loss": float(loss.detach())}
 
 
 def config_text(out: Path) -> str:
@@ -119,7 +163,7 @@ log:
 def write_example(out: str | Path, train: int = 256, test: int = 32) -> Path:
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    build_chat_model(out / "model")
+    warm_start(build_chat_model(out / "model"))
     write_problems(out / "train.jsonl", train, seed=1)
     write_problems(out / "test.jsonl", test, seed=2)
     (out / "config.yaml").write_text(config_text(out))

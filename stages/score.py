@@ -1,35 +1,62 @@
 """Stage 2, score: add rewards to rollouts.
 
-(Over 500 lines: the reward contract and its error reporting; the built-in rewards move to
-their own module when math_verify and reward models arrive.)
+(The reward contract and its error reporting; the built-in rewards and the reward models
+live in stages/rewards.py.)
 
 Each entry of `score.reward_funcs` is a built-in name or `module:function`. A reward
 function follows TRL's contract: it is called with keyword arguments
 
-    fn(completions=[str], prompts=[str], completion_ids=[[int]], **columns) -> list[float]
+    fn(completions=..., prompts=..., completion_ids=[[int]], **columns) -> list[float]
 
 where `columns` are every other column of the rollouts (prompt columns such as `answer`
-included), one list entry per row. `reward` is the weighted sum over functions
-(`score.reward_weights`, default all 1.0); each function's raw values are kept in a
-`reward_<name>` column (`reward_<module>_<name>` for functions of one name from different
-modules, `a:fn` and `b:fn`). Every failure of a reward function is a `RewardError` (exit
-code 2) naming the function: an exception it raises (with its type, message, source line
-and the first row that fails alone), a column it looks up that the rollouts lack (listing
-those they have), a wrong number of values, a value that is not a number, NaN or inf (NaN
-rewards cannot be trained on). `check_reward` is the preflight's trial call of the same
-contract on placeholder rows (flows/preflight.py).
+included), one list entry per row. The completion text is the rollouts' `response`. With
+string prompts, `prompts` and `completions` are lists of strings. With conversational
+prompts (a `prompt` column of `list<struct<role, content>>`, TRL's conversational format),
+`prompts` is the list of message lists and each completion is one assistant message,
+`completions=[[{"role": "assistant", "content": text}], ...]`, exactly as TRL's
+GRPOTrainer passes them (`rewards.completion_text(c)` gives the text of either form).
+
+`reward` is the weighted sum over functions and then reward models
+(`score.reward_weights`: one weight per function followed by one per model, default all
+1.0); each function's raw values are kept in a `reward_<name>` column
+(`reward_<module>_<name>` for functions of one name from different modules, `a:fn` and
+`b:fn`). Every failure of a reward function is a `RewardError` (exit code 2) naming the
+function: an exception it raises (with its type, message, source line and the first row
+that fails alone), a column it looks up that the rollouts lack (listing those they have),
+a wrong number of values, a value that is not a number, NaN or inf (NaN rewards cannot be
+trained on). `check_reward` is the preflight's trial call of the same contract on
+placeholder rows in the data's own form (flows/preflight.py).
+
+Built-ins (stages/rewards.py), each 1.0 or 0.0 and each taking either completion form:
+`exact_match` (the completion, stripped, equals the `answer` column), `numeric_match` (the
+last number in the completion equals `answer` as a number, within 1e-6 relative),
+`math_verify` (the completion's answer is mathematically equal to `answer` by the
+math-verify library: `\\boxed{}`, LaTeX, plain numbers; a GSM8K `#### 72` answer is read
+after its marker; a gold answer that does not parse scores 0.0) and `boxed_format` (exactly
+one non-empty `\\boxed{...}` with balanced braces).
+
+Reward models: each folder of `score.reward_models` (a local
+`AutoModelForSequenceClassification` with one output and its tokenizer) is loaded once per
+stage run on `score.device`, scores every row in batches of `score.reward_model_batch_size`
+(`logits[:, 0]` of the prompt and completion as one text, a chat template for
+conversational prompts, as TRL does; `rewards.score_with_model`) and gives the column
+`reward_<folder name>`, after the functions' columns. torch and transformers are imported
+only then: a cached run imports neither.
 
 The cache key covers a user function's whole module file (`_code_digest`), so editing a
-helper or a module constant reruns scoring, not only editing the function itself.
-
-Built-ins are verifiable rewards: `exact_match` (the completion, stripped, equals the
-`answer` column) and `numeric_match` (the last number in the completion equals `answer`
-as a number, within 1e-6 relative).
+helper or a module constant reruns scoring, not only editing the function itself; the
+content of every reward model folder (`rewards.model_digest`); and the versions of
+math-verify (with its parser and sympy) when `math_verify` is used, and of torch and
+transformers when reward models are. `score.device` and `score.reward_model_batch_size`
+are not in the key (`ignores`): the same rows on another device or in other batches score
+the same up to float rounding (padding is on the right and masked; only matmul shapes and
+kernels differ, about 1e-6 in float32).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -44,48 +71,46 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline.config import Config
+from pipeline.config import Config, ScoreConfig
 from pipeline.errors import EqLenError
-from pipeline.registry import Registry, UnknownName
+from pipeline.registry import UnknownName
 from pipeline.stage import Stage
+from stages import rewards
+from stages.rewards import (  # noqa: F401 - the built-ins, importable from here as before
+    REWARDS,
+    RewardModelError,
+    boxed_format,
+    completion_text,
+    exact_match,
+    math_verify_reward,
+    numeric_match,
+)
 
-REWARDS: Registry = Registry("reward function", "score.reward_funcs")
+# Config keys that cannot change the output (see the module docstring): left out of the key.
+IGNORES = ("score.device", "score.reward_model_batch_size")
+MATH_VERIFY_PACKAGES = ("math-verify", "latex2sympy2_extended", "sympy")
 
 
 def reward_code(cfg: Config) -> dict:
     # A user function's whole module file is hashed too, so editing it (the function, a
-    # helper or a module constant) reruns scoring.
-    return {"reward_code": {name: _code_digest(name) for name in cfg.score.reward_funcs}}
-
-
-def _answers(columns: dict) -> list[str]:
-    # A missing column is reported by call_reward as the KeyError of a column lookup.
-    if "answer" not in columns:
-        raise KeyError("answer")
-    return [str(a).strip() for a in columns["answer"]]
-
-
-@REWARDS.register("exact_match")
-def exact_match(completions: list[str], **columns) -> list[float]:
-    answers = _answers(columns)
-    return [float(c.strip() == a) for c, a in zip(completions, answers)]
-
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
-
-
-@REWARDS.register("numeric_match")
-def numeric_match(completions: list[str], **columns) -> list[float]:
-    answers = _answers(columns)
-    out = []
-    for c, a in zip(completions, answers):
-        found = _NUMBER.findall(c.replace(",", ""))
-        try:
-            ok = bool(found) and abs(float(found[-1]) - float(a)) <= 1e-6 * max(1.0, abs(float(a)))
-        except ValueError:
-            ok = False
-        out.append(float(ok))
+    # helper or a module constant) reruns scoring; a reward model's whole folder likewise.
+    out = {"reward_code": {name: _code_digest(name) for name in cfg.score.reward_funcs}}
+    if cfg.score.reward_models:
+        out["reward_models"] = rewards.model_key(list(cfg.score.reward_models))
     return out
+
+
+def reads(cfg: Config) -> tuple[str, ...]:
+    return tuple(
+        f"score.{f.name}"
+        for f in dataclasses.fields(ScoreConfig)
+        if f"score.{f.name}" not in IGNORES
+    )
+
+
+def packages(cfg: Config) -> tuple[str, ...]:
+    out = MATH_VERIFY_PACKAGES if "math_verify" in cfg.score.reward_funcs else ()
+    return out + (("torch", "transformers") if cfg.score.reward_models else ())
 
 
 class RewardError(EqLenError, ValueError):
@@ -193,8 +218,15 @@ def column_names(names: list[str]) -> dict[str, str]:
     return out
 
 
-def reward_columns(table: pa.Table) -> tuple[list[str], dict[str, list]]:
-    """(completions, keyword columns) of the rollouts, as reward functions receive them."""
+def is_conversational(table: pa.Table) -> bool:
+    """Whether the table's `prompt` column holds conversational prompts (lists of messages)."""
+    return rewards.is_conversational_type(table.schema.field("prompt").type)
+
+
+def reward_columns(table: pa.Table) -> tuple[list, dict[str, list]]:
+    """(completions, keyword columns) of the rollouts, as reward functions receive them:
+    completions as strings, or as one assistant message each when the prompts are
+    conversational (TRL's form)."""
     columns = {
         n: table.column(n).to_pylist()
         for n in table.column_names
@@ -202,12 +234,14 @@ def reward_columns(table: pa.Table) -> tuple[list[str], dict[str, list]]:
     }
     columns["prompts"] = columns.pop("prompt")
     columns["completion_ids"] = table.column("response_ids").to_pylist()
-    return table.column("response").to_pylist(), columns
+    texts = table.column("response").to_pylist()
+    return rewards.as_completions(texts, is_conversational(table)), columns
 
 
-def placeholder_columns(prompts: pa.Table, rows: int = 2) -> tuple[list[str], dict[str, list]]:
+def placeholder_columns(prompts: pa.Table, rows: int = 2) -> tuple[list, dict[str, list]]:
     """(completions, columns) shaped as `run` passes them, for the first `rows` prompts with
-    empty completions: what the preflight's trial call of a reward function gets."""
+    empty completions (empty assistant messages for conversational prompts): what the
+    preflight's trial call of a reward function gets."""
     head = prompts.slice(0, rows)
     n = head.num_rows
     columns = {c: head.column(c).to_pylist() for c in head.column_names}
@@ -227,7 +261,7 @@ def placeholder_columns(prompts: pa.Table, rows: int = 2) -> tuple[list[str], di
     columns["pair_id"] = [i // 2 for i in range(n)]
     columns["prompts"] = columns.pop("prompt")
     columns["completion_ids"] = [[] for _ in range(n)]
-    return [""] * n, columns
+    return rewards.as_completions([""] * n, is_conversational(prompts)), columns
 
 
 def _row(columns: dict, i: int) -> str:
@@ -401,7 +435,8 @@ def _failure(name, fn, e: Exception, completions, columns, where) -> RewardError
         try:
             fn(completions=completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
         except Exception as e1:  # noqa: BLE001
-            text = completions[i] if len(completions[i]) <= 60 else completions[i][:57] + "..."
+            text = completion_text(completions[i])
+            text = text if len(text) <= 60 else text[:57] + "..."
             return RewardError(
                 f"reward function {name!r} raised {type(e1).__name__}: {e1}"
                 f"{_where(e1)} at {_row(columns, i)} of {where}, completion "
@@ -459,13 +494,34 @@ def _short(v) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
+def _weights(cfg: Config, names: list[str], models: list[str]) -> list[float]:
+    weights = list(cfg.score.reward_weights)
+    n = len(names) + len(models)
+    if not weights:
+        return [1.0] * n
+    if len(weights) != n:
+        listed = ", ".join([*names, *models])
+        raise RewardError(
+            f"score.reward_weights has {len(weights)} weights for {len(names)} reward "
+            f"function{'s' * (len(names) != 1)} and {len(models)} reward "
+            f"model{'s' * (len(models) != 1)} ({listed}); give one weight per function, "
+            "then one per model (score.reward_funcs, then score.reward_models), or none "
+            "(all 1.0)"
+        )
+    return weights
+
+
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     path = inputs["rollouts"] / "rollouts.parquet"
     table = schemas.validate(pq.read_table(path), schemas.ROLLOUTS, path)
     completions, columns = reward_columns(table)
     names = list(cfg.score.reward_funcs)
+    models = list(cfg.score.reward_models)
     cols = column_names(names)
-    weights = cfg.score.reward_weights or [1.0] * len(names)
+    mcols = rewards.model_columns(models, taken=set(cols.values()))
+    weights = _weights(cfg, names, models)
+    for m in models:  # every folder before the first (slow) call
+        rewards.check_model_folder(m)
     total = np.zeros(table.num_rows)
     metrics = {}
     for name, w in zip(names, weights):
@@ -475,6 +531,18 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         table = table.append_column(cols[name], pa.array(arr))
         total += w * arr
         metrics[cols[name]] = float(arr.mean())
+    if models:
+        from pipeline.models import resolve_device
+
+        device = resolve_device(cfg.score.device)
+        batch = cfg.score.reward_model_batch_size
+        for m, w in zip(models, weights[len(names) :]):
+            values = rewards.score_with_model(m, columns["prompts"], completions, device, batch)
+            schemas.check_finite(values, f"{path} (reward model {m})", mcols[m])
+            arr = np.asarray(values, dtype=np.float64)
+            table = table.append_column(mcols[m], pa.array(arr))
+            total += w * arr
+            metrics[mcols[m]] = float(arr.mean())
     table = table.append_column("reward", pa.array(total))
     table = schemas.validate(table, schemas.SCORED, out_dir / "scored.parquet")
     pq.write_table(table, out_dir / "scored.parquet")
@@ -521,7 +589,9 @@ STAGE = Stage(
     version=1,
     inputs=("rollouts",),
     output="scored",
-    reads=lambda cfg: ("score.*",),
+    reads=reads,
+    ignores=IGNORES,
+    packages=packages,
     key_extra=reward_code,
     implementation=lambda cfg: "score.rewards",
     run=run,

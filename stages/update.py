@@ -17,12 +17,23 @@ equals the full-batch gradient whatever the micro-batch size (tested). Members o
 whose rewards are all equal carry no policy-gradient signal: with `skip_zero_signal` they
 are not forwarded, but still counted in the normalisers, so nobody else's weight moves.
 
-Writes `model/` (Hugging Face checkpoint + tokenizer, `from_pretrained` loads it) with
-`optimizer.pt` and `trainer_state.json` (global step), `metrics.parquet` (one row per
-optimizer step), and `token_weights.parquet`: per member, on the first epoch, the
-mini-batch it fell in, the advantage used, the aggregation weight w[b,t] and the exact
-per-token gradient weight d loss / d logp[b,t] — the length diagnostics, open to
-independent recomputation.
+With `update.lora_r > 0` (stages/lora.py) only a LoRA adapter trains (PEFT; the
+optimizer holds the adapter's parameters alone): its base is the `reference` (initial)
+model, the adapter is fresh (seeded) at the first iteration and the previous update's
+`model/adapter/` afterwards, with its optimizer state and global step; a policy that is
+neither the reference nor carries an adapter trained on it becomes the base of a fresh
+adapter. When the base is the reference, the KL reference is the same model with the
+adapter disabled, so no second copy is loaded. peft is imported, and its version is in
+the cache key, only then.
+
+Writes `model/` (Hugging Face checkpoint + tokenizer, `from_pretrained` loads it; with
+LoRA the merged weights W + (alpha / r) * B @ A, plus the PEFT adapter in
+`model/adapter/`) with `optimizer.pt` and `trainer_state.json` (global step; with LoRA
+also the adapter's base), `metrics.parquet` (one row per optimizer step), and
+`token_weights.parquet`: per member, on the first epoch, the mini-batch it fell in, the
+advantage used, the aggregation weight w[b,t] and the exact per-token gradient weight
+d loss / d logp[b,t] — the length diagnostics, open to independent recomputation. A tqdm
+bar over the optimizer steps (rate, ETA) shows on a terminal only.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from pipeline import progress
 from pipeline.config import Config
 from pipeline.lazy import lazy_import
 from pipeline.models import load_policy, load_tokenizer, resolve_device
@@ -292,67 +304,99 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
 
     device = resolve_device(u.device)
     torch.manual_seed(cfg.seed * 7919 + ctx.iteration)
-    model = load_policy(inputs["policy"], device)
-    if u.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    policy_dir = inputs["policy"]
+    state = (
+        json.loads((policy_dir / STATE_FILE).read_text())
+        if (policy_dir / STATE_FILE).is_file()
+        else {}
+    )
+    lora_record = None
+    if u.lora_r > 0:
+        from stages import lora
+
+        model, ref_model, resume_opt, lora_record = lora.build(
+            policy_dir,
+            inputs["reference"],
+            u,
+            device,
+            load=load_policy,
+            log=ctx.log,
+            state=state,
+            checkpointing=u.gradient_checkpointing,
+        )
+    else:
+        model = load_policy(policy_dir, device)
+        if u.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        ref_model = load_policy(inputs["reference"], device) if u.beta > 0 else None
+        # A policy written by a LoRA update keeps its optimizer state for the adapter only.
+        resume_opt = not (policy_dir / "adapter").is_dir()
     model.train()
-    tokenizer = load_tokenizer(inputs["policy"])
-    ref_model = load_policy(inputs["reference"], device) if u.beta > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=u.lr, weight_decay=u.weight_decay)
-    step0 = 0
-    if (inputs["policy"] / OPTIMIZER_FILE).is_file():
-        opt.load_state_dict(torch.load(inputs["policy"] / OPTIMIZER_FILE, map_location=device))
-    if (inputs["policy"] / STATE_FILE).is_file():
-        step0 = json.loads((inputs["policy"] / STATE_FILE).read_text())["global_step"]
+    tokenizer = load_tokenizer(policy_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=u.lr, weight_decay=u.weight_decay)
+    if resume_opt and (policy_dir / OPTIMIZER_FILE).is_file():
+        opt.load_state_dict(torch.load(policy_dir / OPTIMIZER_FILE, map_location=device))
+    step0 = int(state.get("global_step", 0))
 
     rng = np.random.default_rng(cfg.seed * 7919 + ctx.iteration)
     steps, record, minibatch_of, t0 = [], [], {}, time.perf_counter()
     tokens = 0
-    for epoch in range(u.epochs):
-        for mbi, mb in enumerate(np.array_split(rng.permutation(n), min(u.minibatches, n))):
-            lr = lr_at(step0 + len(steps), cfg)
-            for g in opt.param_groups:  # config wins over the stored hyper-parameters
-                g["lr"], g["weight_decay"] = lr, u.weight_decay
-            opt.zero_grad(set_to_none=True)
-            st = minibatch_backward(
-                model,
-                cols,
-                mb,
-                cfg,
-                tokenizer.pad_token_id,
-                device,
-                ref_model=ref_model,
-                record=record if epoch == 0 else None,
-            )
-            if epoch == 0:
-                minibatch_of.update({int(i): mbi for i in mb})
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), u.max_grad_norm if u.max_grad_norm > 0 else float("inf")
-            )
-            opt.step()
-            tokens += st["tokens"]
-            steps.append(
-                {
-                    "epoch": epoch,
-                    "minibatch": mbi,
-                    "step": step0 + len(steps),
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    **st,
-                }
-            )
-            ctx.log(
-                f"  update: step {len(steps)} loss {st['loss']:+.4f} "
-                f"grad_norm {float(grad_norm):.3f}"
-            )
+    n_mb = min(u.minibatches, n)
+    with progress.bar(u.epochs * n_mb, "update", "step", ctx) as bar:
+        for epoch in range(u.epochs):
+            for mbi, mb in enumerate(np.array_split(rng.permutation(n), n_mb)):
+                lr = lr_at(step0 + len(steps), cfg)
+                for g in opt.param_groups:  # config wins over the stored hyper-parameters
+                    g["lr"], g["weight_decay"] = lr, u.weight_decay
+                opt.zero_grad(set_to_none=True)
+                st = minibatch_backward(
+                    model,
+                    cols,
+                    mb,
+                    cfg,
+                    tokenizer.pad_token_id,
+                    device,
+                    ref_model=ref_model,
+                    record=record if epoch == 0 else None,
+                )
+                if epoch == 0:
+                    minibatch_of.update({int(i): mbi for i in mb})
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, u.max_grad_norm if u.max_grad_norm > 0 else float("inf")
+                )
+                opt.step()
+                tokens += st["tokens"]
+                steps.append(
+                    {
+                        "epoch": epoch,
+                        "minibatch": mbi,
+                        "step": step0 + len(steps),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        **st,
+                    }
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{st['loss']:+.4f}", refresh=False)
+                ctx.log(
+                    f"  update: step {len(steps)} loss {st['loss']:+.4f} "
+                    f"grad_norm {float(grad_norm):.3f}"
+                )
     seconds = time.perf_counter() - t0
 
     model.eval()
-    model.save_pretrained(out_dir / "model")
+    if lora_record is not None:
+        lora.save(model, out_dir / "model")  # merged weights, and the adapter in model/adapter/
+    else:
+        model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
     torch.save(opt.state_dict(), out_dir / "model" / OPTIMIZER_FILE)
-    (out_dir / "model" / STATE_FILE).write_text(json.dumps({"global_step": step0 + len(steps)}))
+    new_state = {"global_step": step0 + len(steps)}
+    if lora_record is not None:
+        new_state["lora"] = lora_record
+    (out_dir / "model" / STATE_FILE).write_text(json.dumps(new_state))
     pq.write_table(pa.Table.from_pylist(steps), out_dir / "metrics.parquet")
     record.sort(key=lambda r: r[0])
     pq.write_table(
@@ -395,6 +439,8 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "len_correct": float(lens[correct].mean()) if correct.any() else None,
         "len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
         **diagnostics(cols, adv, record, correct),
+        "trainable_params": sum(p.numel() for p in params),
+        "lora_r": u.lora_r,
         "tokens_trained": tokens,
         "tokens_per_s": tokens / max(seconds, 1e-9),
         "device": str(device),
@@ -410,7 +456,8 @@ STAGE = Stage(
     output_sub="model",
     reads=reads,
     ignores=("update.device",),
-    packages=lambda cfg: ("torch", "transformers"),
+    # peft computes the numbers only with LoRA, so only then is its version in the key.
+    packages=lambda cfg: ("torch", "transformers") + (("peft",) if cfg.update.lora_r > 0 else ()),
     implementation=lambda cfg: f"update.{cfg.update.algorithm}.{cfg.update.loss_agg}",
     run=run,
     module=__name__,

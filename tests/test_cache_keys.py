@@ -42,12 +42,17 @@ SPECIAL = {  # a valid other value where "+1" or "not" would not be one
     "model": "some/folder",
     "cache_dir": "/tmp/elsewhere",
     "log.to": ["tensorboard"],
+    "score.reward_models": ["some/reward_model"],
+    "update.lora_target_modules": ["q_proj"],
+    "cluster.ray_address": "auto",
 }
 
 
 # Keys read only under some settings (vLLM's settings by the vllm engine, batch_tracks by
 # the hf engine, the run's length by a decaying lr schedule): one of the bases reads each.
-BASES = ([], ["generate.engine=vllm", "update.lr_schedule=cosine"])
+# (On a Ray cluster, so that the workers keys have a valid other value.)
+RAY = "cluster.ray_address=local"
+BASES = ([RAY], ["generate.engine=vllm", "update.lr_schedule=cosine", RAY])
 CONDITIONAL = {k for b in BASES for s in SPECS.values() for k in s.key_reads(config.load(None, b))}
 
 
@@ -74,7 +79,7 @@ def keys(cfg) -> dict[str, dict]:
 
 @pytest.mark.parametrize(
     "base",
-    [[], ["generate.engine=vllm", "update.lr_schedule=cosine"]],
+    BASES,
     ids=["defaults", "vllm+cosine"],
 )
 def test_every_config_field_changes_the_key_of_exactly_the_stages_that_read_it(base):
