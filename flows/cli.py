@@ -284,6 +284,9 @@ def cmd_stage(args) -> int:
         if preflight.is_out_of_memory(e):
             raise preflight.out_of_memory(args.name, e, cfg) from None
         raise
+    finally:
+        if cfg.cluster.ray_address:
+            runner.end_workers()
     if fresh:
         rec.start(cfg, args.iteration + 1)  # so later `eqlen stage` commands know the config
     state = "served from cache" if res.cached else f"ran in {res.seconds:.1f}s"

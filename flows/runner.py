@@ -66,6 +66,7 @@ RUN_FIELDS = {
     "eval.every": "when the loop runs the eval stage, not what it computes",
     "eval.data": "the held-out prompt source: its content digest keys the `heldout` input",
     "eval.split": "how the heldout input is read (in its key)",
+    "cluster.ray_address": "where workers run, not what they compute",
     "log.to": "where metrics are copied to, not what they are",
     "log.dir": "where metrics are copied to, not what they are",
     "log.project": "where metrics are copied to, not what they are",
@@ -696,7 +697,18 @@ def online(
         raise
     finally:
         trackers.close(ok)
+        if cfg.cluster.ray_address:
+            end_workers()
     return history
+
+
+def end_workers() -> None:
+    """Stop the run's Ray workers and leave the cluster (a local instance stops)."""
+    from pipeline import cluster
+    from stages import workers
+
+    workers.close_pools()
+    cluster.shutdown()
 
 
 def heldout_input(cfg: Config, root: Path) -> Ref:

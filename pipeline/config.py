@@ -102,6 +102,11 @@ class GenerateConfig:
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0 = off).")
     top_k: int = _f(0, "Top-k sampling (0 = off).")
     batch_tracks: int = _f(512, "Most tracks decoded in one lock-step batch.")
+    workers: int = _f(
+        1,
+        "Rollout workers (Ray actors, each holding one engine for the whole run; needs "
+        "cluster.ray_address); prompts are sharded across them.",
+    )
     device: str = _f(
         "auto", "Device for the hf engine (and the vllm engine's sync check): auto, cpu, cuda."
     )
@@ -271,6 +276,17 @@ class UpdateConfig:
     sapo_temperature_neg: float = _f(
         1.05, "SAPO: temperature of the soft gate for negative advantages."
     )
+    workers: int = _f(
+        1,
+        "Data-parallel ranks of the update (Ray actors with torch.distributed: gloo on CPU, "
+        "NCCL on GPU; needs cluster.ray_address). N ranks take the same step as one.",
+    )
+    sharding: str = _f(
+        "ddp",
+        "How ranks hold the model: ddp (replicas, gradients all-reduced) or fsdp (FSDP2: "
+        "parameters, gradients and optimizer state sharded).",
+        choices=("ddp", "fsdp"),
+    )
     lora_r: int = _f(0, "LoRA rank (0 = full fine-tuning); only adapter weights train.")
     lora_alpha: int = _f(16, "LoRA scaling numerator: the update is (alpha / r) * B @ A.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
@@ -304,6 +320,16 @@ class LogConfig:
 
 
 @dataclass
+class ClusterConfig:
+    ray_address: str = _f(
+        "",
+        "Where workers run: empty = no Ray, everything in this process; `local` = a Ray "
+        "instance started for the run on 127.0.0.1 (stopped at its end); `auto` or "
+        "`ray://HOST:10001` = join an existing cluster.",
+    )
+
+
+@dataclass
 class Config:
     seed: int = _f(0, "Seed of prompt order, sampling and training.")
     iterations: int = _f(10, "Online iterations of generate -> score -> pair -> update.")
@@ -329,9 +355,10 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-SECTIONS = ("data", "generate", "score", "pair", "update", "eval", "log")
+SECTIONS = ("data", "generate", "score", "pair", "update", "eval", "log", "cluster")
 
 
 def choices_of(f: dataclasses.Field, key: str | None = None) -> tuple | None:
@@ -470,8 +497,16 @@ def validate(cfg: Config) -> Config:
         (cfg.pair.eps >= 0 and cfg.update.eps >= 0, "pair.eps and update.eps must be >= 0"),
         (
             not cfg.score.reward_weights
-            or len(cfg.score.reward_weights) == len(cfg.score.reward_funcs),
-            "score.reward_weights must be empty or have one weight per entry of score.reward_funcs",
+            or len(cfg.score.reward_weights)
+            == len(cfg.score.reward_funcs) + len(cfg.score.reward_models),
+            "score.reward_weights must be empty or have one weight per entry of "
+            "score.reward_funcs, then one per entry of score.reward_models",
+        ),
+        (cfg.generate.workers >= 1 and cfg.update.workers >= 1, "workers must be >= 1"),
+        (
+            (cfg.generate.workers == 1 and cfg.update.workers == 1) or cfg.cluster.ray_address,
+            "generate.workers > 1 or update.workers > 1 runs workers on Ray: set "
+            "cluster.ray_address (local, auto or an address)",
         ),
         (len(cfg.score.reward_funcs) >= 1, "score.reward_funcs must name at least one function"),
     ]

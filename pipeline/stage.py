@@ -147,6 +147,10 @@ class ConfigView:
     def __setattr__(self, name, value):
         raise AttributeError(f"the config is read-only inside stage {self._stage!r}")
 
+    def __reduce__(self):
+        # Pickled whole (to a Ray worker), so the worker enforces the same declaration.
+        return (ConfigView, (self._obj, self._allowed, self._stage, self._prefix))
+
     def __repr__(self) -> str:
         return f"ConfigView({self._stage}: {self._prefix or 'config'})"
 

@@ -4,13 +4,17 @@ An engine samples `generate.group_size` tracks per prompt as pairs with up to
 `generate.rounds` rounds each (docs/method.md) and returns them as `Track`s with its counters.
 Each engine module registers one `Engine` record:
 
-    generate(policy_dir, prompt_ids, cfg, ctx, *, tokenizer, check_ids) -> (tracks, metrics)
+    generate(policy_dir, prompt_ids, cfg, ctx, *, tokenizer, check_ids, prompt_offset=0)
+        -> (tracks, metrics)
     reads     config keys that decide its rollouts beyond the generate stage's own (in the key)
     ignores   config keys it reads that only change where or how fast (not in the key)
     packages  installed packages whose versions are in the key
 
 `metrics` is a flat dict of numbers the generate stage adds to its own (the engine's
 counters, vLLM's weight-sync figures, ...), so `stages/generate.py` knows no engine.
+`prompt_offset` is the position of the first prompt in the iteration's batch (a rollout
+worker gets a shard): pair ids start at prompt_offset * group_size / 2, so they are the
+same however the prompts are sharded. Track ids are then made canonical by `canonical`.
 """
 
 from __future__ import annotations
@@ -83,3 +87,17 @@ def engine(name: str, **kw):
         return fn
 
     return deco
+
+
+def canonical(tracks: list[Track]) -> list[Track]:
+    """The tracks renumbered in one order that does not depend on batching or sharding:
+    round-0 tracks by (pair, slot), then newcomers by (round, pair); parents remapped.
+    Track ids must be unique on entry. The hf engine's lock-step batches and a vLLM
+    engine's request rounds both come out numbered the same way."""
+    order = sorted(tracks, key=lambda t: (t.birth_round, t.pair_id, t.track_id))
+    new = {t.track_id: i for i, t in enumerate(order)}
+    for t in order:
+        t.track_id = new[t.track_id]
+        if t.parent_track_id is not None:
+            t.parent_track_id = new[t.parent_track_id]
+    return order

@@ -35,7 +35,7 @@ from pipeline.config import Config
 from pipeline.models import load_tokenizer
 from pipeline.stage import Stage
 from stages import hf_engine, vllm_engine  # noqa: F401  (register the engines)
-from stages.engine import ENGINES
+from stages.engine import ENGINES, canonical
 
 
 def reads(cfg: Config) -> tuple[str, ...]:
@@ -83,6 +83,43 @@ def prompt_encoder(tokenizer, policy: Path, prompts_file: Path):
     return encode
 
 
+def on_workers(policy: Path, prompt_ids, cfg, ctx, check_ids) -> tuple[list, dict]:
+    """The engine on `generate.workers` Ray actors (stages/workers.py), each sampling a
+    contiguous shard of the prompts; their tracks merged with ids made unique (then
+    canonical), their counters summed (timings: the slowest worker's)."""
+    from pipeline import cluster
+    from stages import workers
+
+    n = cfg.generate.workers
+    cluster.connect(cfg.cluster.ray_address, n + cfg.update.workers)
+    pool = workers.rollout_pool(cfg, ctx.log)
+    workers.check_paths(pool, [str(policy)], "rollout")
+    bounds = np.linspace(0, len(prompt_ids), n + 1).astype(int)
+    refs = [
+        w["actor"].generate.remote(
+            str(policy), prompt_ids[a:b], cfg, ctx.iteration, int(a), check_ids if r == 0 else []
+        )
+        for r, (w, a, b) in enumerate(zip(pool, bounds[:-1], bounds[1:]))
+    ]
+    tracks, stats, offset = [], {}, 0
+    for (got, st, logs), a in zip(workers.gather(pool, refs, "rollout"), bounds[:-1]):
+        for msg in logs:
+            ctx.log(msg)
+        for t in got:
+            t.prompt_index += int(a)
+            t.track_id += offset
+            if t.parent_track_id is not None:
+                t.parent_track_id += offset
+        offset += len(got)
+        tracks += got
+        for k, v in st.items():
+            if isinstance(v, (int, float)):
+                stats[k] = max(stats.get(k, 0), v) if k.endswith("_s") else stats.get(k, 0) + v
+    stats["workers"] = n
+    stats["worker_nodes"] = [workers.describe(w["where"]) for w in pool]
+    return tracks, stats
+
+
 def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     prompts_file = inputs["prompts"] / "prompts.parquet"
     prompts = schemas.validate(pq.read_table(prompts_file), schemas.PROMPTS, prompts_file)
@@ -106,14 +143,16 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
             )
 
     t0 = time.perf_counter()
-    engine = ENGINES.get(cfg.generate.engine)
     # The sync check's fixed sequence: the dataset's first prompt, the same every iteration.
     check_ids = encode(prompts.column("prompt")[0].as_py())
-    tracks, stats = engine.generate(
-        inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer, check_ids=check_ids
-    )
+    if cfg.cluster.ray_address:
+        tracks, stats = on_workers(inputs["policy"], prompt_ids, cfg, ctx, check_ids)
+    else:
+        tracks, stats = ENGINES.get(cfg.generate.engine).generate(
+            inputs["policy"], prompt_ids, cfg, ctx, tokenizer=tokenizer, check_ids=check_ids
+        )
     seconds = time.perf_counter() - t0
-    tracks.sort(key=lambda t: t.track_id)
+    tracks = canonical(tracks)
 
     idx = pa.array([t.prompt_index for t in tracks])
     table = batch.take(idx)
@@ -170,6 +209,10 @@ STAGE = Stage(
         sorted(
             {
                 "model_trust_remote_code",
+                # Where the engines run (in this process or on Ray workers), and the
+                # cluster's size: the same rollouts either way.
+                "cluster.ray_address",
+                "update.workers",
                 *(k for n in ENGINES.names() for k in ENGINES.get(n).ignores),
             }
         )

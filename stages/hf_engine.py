@@ -206,11 +206,19 @@ def sample_tracks(
     return finished, stats
 
 
-# batch_tracks is read: the sampler draws from one generator row by row over the batch, so
-# how prompts are chunked decides which random numbers a track gets.
-@engine("hf", reads=("generate.batch_tracks",), ignores=("generate.device",))
+# batch_tracks and workers are read: the sampler draws from one generator row by row over
+# the batch, so how prompts are chunked (and sharded over rollout workers, each with its
+# own generator) decides which random numbers a track gets.
+@engine("hf", reads=("generate.batch_tracks", "generate.workers"), ignores=("generate.device",))
 def generate(
-    policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer, check_ids: list[int]
+    policy_dir: Path,
+    prompt_ids: list[list[int]],
+    cfg,
+    ctx,
+    *,
+    tokenizer,
+    check_ids: list[int],
+    prompt_offset: int = 0,
 ) -> tuple[list[Track], dict]:
     """The engine contract (stages/engine.py) over `sample_tracks`, in chunks of
     `generate.batch_tracks` tracks."""
@@ -237,7 +245,7 @@ def generate(
             pad_id=tokenizer.pad_token_id,
             generator=gen,
             first_track_id=len(tracks),
-            first_pair_id=start * g.group_size // 2,
+            first_pair_id=(prompt_offset + start) * g.group_size // 2,
         )
         for t in got:
             t.prompt_index += start

@@ -61,8 +61,13 @@ torch = lazy_import("torch")  # loaded on first use: declarations and cache keys
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
 
+# Where the step runs, not what it is: N data-parallel ranks take the same step as one
+# (tested to 1e-5 relative), on CPU or GPU.
+WHERE = ("update.device", "update.workers", "update.sharding", "cluster.ray_address")
+
+
 def reads(cfg: Config) -> tuple[str, ...]:
-    keys = [k for k in expand(("update.*",), cfg) if k != "update.device"]
+    keys = [k for k in expand(("update.*",), cfg) if k not in WHERE]
     keys += [
         "seed",
         "generate.temperature",
@@ -455,7 +460,7 @@ STAGE = Stage(
     output="policy",
     output_sub="model",
     reads=reads,
-    ignores=("update.device",),
+    ignores=WHERE,
     # peft computes the numbers only with LoRA, so only then is its version in the key.
     packages=lambda cfg: ("torch", "transformers") + (("peft",) if cfg.update.lora_r > 0 else ()),
     implementation=lambda cfg: f"update.{cfg.update.algorithm}.{cfg.update.loss_agg}",

