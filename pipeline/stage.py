@@ -36,7 +36,6 @@ import ast
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -158,14 +157,19 @@ class ConfigView:
 # ------------------------------------------------------------------------ code digest
 
 
+# The folder holding the project packages (the repository, or site-packages).
+_ROOT = Path(__file__).resolve().parents[1]
+
+
 def _module_file(name: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    return Path(spec.origin)
+    """The source file of project module `name`, found on disk without importing anything
+    (find_spec of `a.b.NAME` would import `a.b` to look for a submodule NAME, running a
+    module, and its registries, that nobody asked for)."""
+    base = _ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _imports(path: Path, module: str) -> set[str]:

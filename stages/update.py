@@ -157,6 +157,31 @@ def minibatch_backward(
     micro-batches is exactly the full-batch loss and gradient. With `record`, appends per
     member (index, w[b,:n], d loss / d logp[b,:n]).
     """
+    sums = backward_sums(model, cols, mb, cfg, pad_id, device, ref_model=ref_model, record=record)
+    return step_stats(sums)
+
+
+def backward_sums(
+    model,
+    cols: dict[str, list],
+    mb,
+    cfg: Config,
+    pad_id: int,
+    device,
+    *,
+    ref_model=None,
+    record: list | None = None,
+    rank: int = 0,
+    world: int = 1,
+    even: bool = False,
+) -> dict:
+    """`minibatch_backward`'s work, returning sums (loss, token-weighted statistics, token
+    and member counts) instead of means, so data-parallel ranks can add theirs up.
+
+    With `world` > 1 the mini-batch's weights are still computed over all of `mb`; rank r
+    forwards only every world-th forwarded member from the r-th, so the ranks' gradients
+    add up to the one-process gradient. `even`: every rank runs as many micro-batches as
+    the busiest one (zero-weight repeats of a member), as FSDP's collectives need."""
     u = cfg.update
     algo = ALGORITHMS.get(u.algorithm)
     mask = pad([cols["loss_mask"][i] for i in mb], False, torch.bool).to(device)
@@ -167,7 +192,12 @@ def minibatch_backward(
     )
     width = mask.shape[1]
     skip = cols.get("skip")
-    active = np.array([i for i in range(len(mb)) if skip is None or not skip[mb[i]]], dtype=int)
+    forwarded = np.array([i for i in range(len(mb)) if skip is None or not skip[mb[i]]], dtype=int)
+    active = forwarded[rank::world]
+    micro = list(range(0, len(active), u.micro_batch_size))
+    if even:
+        busiest = max(len(forwarded[r::world]) for r in range(world))
+        micro += [None] * (math.ceil(busiest / u.micro_batch_size) - len(micro))
     total, ent_sum, kl_sum = 0.0, 0.0, 0.0
     stat_sums = dict.fromkeys(
         ("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean", "approx_kl"), 0.0
@@ -175,8 +205,10 @@ def minibatch_backward(
     autocast = torch.autocast(
         "cuda", dtype=torch.bfloat16, enabled=bool(u.bf16 and torch.device(device).type == "cuda")
     )
-    for s in range(0, len(active), u.micro_batch_size):
-        pos = active[s : s + u.micro_batch_size]
+    for s in micro:
+        # A repeat (even): member 0 of the mini-batch at weight 0: collectives, no gradient.
+        pos = active[s : s + u.micro_batch_size] if s is not None else np.array([0])
+        scale = 1.0 if s is not None else 0.0
         idx = [mb[p] for p in pos]
         ctx_ids = [cols["context_ids"][i] for i in idx]
         seg_ids = [cols["segment_ids"][i] for i in idx]
@@ -192,7 +224,7 @@ def minibatch_backward(
         old = pad([cols["old_logprobs"][i] for i in idx], 0.0, torch.float32)
         old = torch.nn.functional.pad(old, (0, width - old.shape[1])).to(device)
         adv = torch.tensor([cols["advantage"][i] for i in idx], dtype=torch.float32, device=device)
-        m, w = mask[pos], weights[pos]
+        m, w = mask[pos], weights[pos] * scale
         tok_loss, st = algo(
             logp, old, adv, m, clip_low=u.clip_low, clip_high=u.clip_high, dual_clip=u.dual_clip
         )
@@ -204,8 +236,12 @@ def minibatch_backward(
                 )
             kl = k3_kl(logp, torch.nn.functional.pad(ref, (0, width - ref.shape[1])))
             loss = loss + u.beta * (w * kl * m).sum()
-            kl_sum += float((kl.detach() * m).sum())
-        loss.backward()
+            kl_sum += float((kl.detach() * m).sum()) * scale
+        # (FSDP averages gradients over ranks: `even` ranks scale theirs to make it a sum.)
+        grad_scale = world if even else 1
+        (loss * grad_scale).backward()
+        if s is None:
+            continue
         total += float(loss.detach())
         k = float(m.sum())
         ent_sum += float((entropy.detach() * m).sum())
@@ -214,22 +250,37 @@ def minibatch_backward(
         if record is not None:
             for j, i in enumerate(idx):
                 n = len(cols["segment_ids"][i])
-                record.append((i, w[j, :n].tolist(), logp.grad[j, :n].tolist()))
-    if record is not None:  # skipped members: weight counted, gradient zero by construction
-        for p in np.setdiff1d(np.arange(len(mb)), active):
+                record.append((i, w[j, :n].tolist(), (logp.grad[j, :n] / grad_scale).tolist()))
+    if record is not None and rank == 0:  # skipped members: weight counted, gradient zero
+        for p in np.setdiff1d(np.arange(len(mb)), forwarded):
             n = len(cols["segment_ids"][mb[p]])
             record.append((mb[p], weights[p, :n].tolist(), [0.0] * n))
-    n_tok = float(mask[active].sum()) if len(active) else 0.0
-    d = n_tok or 1.0
     return {
         "loss": total,
-        "entropy": ent_sum / d,
-        "kl": kl_sum / d,
-        "members": len(mb),
+        "entropy": ent_sum,
+        "kl": kl_sum,
+        "members": len(mb) if rank == 0 else 0,
         "forwarded": len(active),
-        "tokens": int(n_tok),
-        **{k: v / d for k, v in stat_sums.items()},
+        "tokens": float(mask[active].sum()) if len(active) else 0.0,
+        **stat_sums,
     }
+
+
+def step_stats(sums: dict) -> dict:
+    """Means per trained token of `backward_sums`' sums (of one rank, or all ranks')."""
+    d = sums["tokens"] or 1.0
+    return {
+        "loss": sums["loss"],
+        "entropy": sums["entropy"] / d,
+        "kl": sums["kl"] / d,
+        "members": int(sums["members"]),
+        "forwarded": int(sums["forwarded"]),
+        "tokens": int(sums["tokens"]),
+        **{k: v / d for k, v in sums.items() if k not in NOT_MEANS},
+    }
+
+
+NOT_MEANS = ("loss", "entropy", "kl", "members", "forwarded", "tokens")
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -270,34 +321,34 @@ def diagnostics(cols, adv, record, correct) -> dict:
     return out
 
 
-def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
+UNIT_COLUMNS = (
+    "unit_id",
+    "prompt_id",
+    "strategy",
+    "track_id",
+    "round",
+    "member",
+    "unit_size",
+    "context_ids",
+    "segment_ids",
+    "old_logprobs",
+    "loss_mask",
+    "reward",
+    "advantage",
+    "response_len",
+    "finish_reason",
+    "segment_len",
+)
+
+
+def prepare(units_dir: Path, cfg: Config) -> dict[str, list]:
+    """The units' columns as the training loop reads them: each member's advantage
+    (`update.advantage`), loss mask (`update.mask_truncated`) and `skip` flag."""
     u = cfg.update
-    path = inputs["units"] / "units.parquet"
+    path = units_dir / "units.parquet"
     units = schemas.validate(pq.read_table(path), schemas.UNITS, path)
-    cols = {
-        c: units.column(c).to_pylist()
-        for c in (
-            "unit_id",
-            "prompt_id",
-            "strategy",
-            "track_id",
-            "round",
-            "member",
-            "unit_size",
-            "context_ids",
-            "segment_ids",
-            "old_logprobs",
-            "loss_mask",
-            "reward",
-            "advantage",
-            "response_len",
-            "finish_reason",
-            "segment_len",
-        )
-    }
-    n = units.num_rows
-    adv = advantages(cols, cfg)
-    cols["advantage"] = adv.tolist()
+    cols = {c: units.column(c).to_pylist() for c in UNIT_COLUMNS}
+    cols["advantage"] = advantages(cols, cfg).tolist()
     if u.mask_truncated:
         cols["loss_mask"] = [
             [False] * len(m) if fr == "length" else m
@@ -305,10 +356,32 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         ]
     if u.skip_zero_signal and u.beta == 0:
         cols["skip"] = zero_signal(cols).tolist()
-    correct = np.asarray(cols["reward"]) >= cfg.score.correct_threshold
+    return cols
 
+
+def train(
+    cols: dict[str, list],
+    inputs: dict[str, Path],
+    out_dir: Path,
+    cfg: Config,
+    iteration: int,
+    *,
+    log,
+    ctx=None,
+    ranks=None,
+) -> dict:
+    """The optimisation loop of the module docstring, then `model/` written (by rank 0).
+    `ranks` (stages/distributed.py): this process's place among data-parallel ranks; None
+    in process. Returns the steps, this rank's token-weight records, the mini-batch of each
+    member, the tokens trained, the seconds and the trainable parameter count."""
+    from stages import distributed
+
+    u = cfg.update
+    n = len(cols["unit_id"])
+    rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
+    fsdp = bool(ranks and ranks.fsdp)
     device = resolve_device(u.device)
-    torch.manual_seed(cfg.seed * 7919 + ctx.iteration)
+    torch.manual_seed(cfg.seed * 7919 + iteration)
     policy_dir = inputs["policy"]
     state = (
         json.loads((policy_dir / STATE_FILE).read_text())
@@ -325,7 +398,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
             u,
             device,
             load=load_policy,
-            log=ctx.log,
+            log=log,
             state=state,
             checkpointing=u.gradient_checkpointing,
         )
@@ -337,26 +410,31 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         ref_model = load_policy(inputs["reference"], device) if u.beta > 0 else None
         # A policy written by a LoRA update keeps its optimizer state for the adapter only.
         resume_opt = not (policy_dir / "adapter").is_dir()
+    if fsdp:
+        model = distributed.shard(model, ranks)
     model.train()
     tokenizer = load_tokenizer(policy_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=u.lr, weight_decay=u.weight_decay)
     if resume_opt and (policy_dir / OPTIMIZER_FILE).is_file():
-        opt.load_state_dict(torch.load(policy_dir / OPTIMIZER_FILE, map_location=device))
+        if fsdp:
+            distributed.load_optimizer(model, opt, policy_dir / OPTIMIZER_FILE, ranks, device)
+        else:
+            opt.load_state_dict(torch.load(policy_dir / OPTIMIZER_FILE, map_location=device))
     step0 = int(state.get("global_step", 0))
 
-    rng = np.random.default_rng(cfg.seed * 7919 + ctx.iteration)
+    rng = np.random.default_rng(cfg.seed * 7919 + iteration)
     steps, record, minibatch_of, t0 = [], [], {}, time.perf_counter()
     tokens = 0
     n_mb = min(u.minibatches, n)
-    with progress.bar(u.epochs * n_mb, "update", "step", ctx) as bar:
+    with progress.bar(u.epochs * n_mb, "update", "step", ctx if rank == 0 else None) as bar:
         for epoch in range(u.epochs):
             for mbi, mb in enumerate(np.array_split(rng.permutation(n), n_mb)):
                 lr = lr_at(step0 + len(steps), cfg)
                 for g in opt.param_groups:  # config wins over the stored hyper-parameters
                     g["lr"], g["weight_decay"] = lr, u.weight_decay
                 opt.zero_grad(set_to_none=True)
-                st = minibatch_backward(
+                sums = backward_sums(
                     model,
                     cols,
                     mb,
@@ -365,11 +443,21 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
                     device,
                     ref_model=ref_model,
                     record=record if epoch == 0 else None,
+                    rank=rank,
+                    world=world,
+                    even=fsdp,
                 )
+                if world > 1:
+                    sums = distributed.all_reduce_sums(sums)
+                    if not fsdp:
+                        distributed.all_reduce_grads(params)
+                st = step_stats(sums)
                 if epoch == 0:
                     minibatch_of.update({int(i): mbi for i in mb})
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, u.max_grad_norm if u.max_grad_norm > 0 else float("inf")
+                grad_norm = distributed.full_norm(
+                    torch.nn.utils.clip_grad_norm_(
+                        params, u.max_grad_norm if u.max_grad_norm > 0 else float("inf")
+                    )
                 )
                 opt.step()
                 tokens += st["tokens"]
@@ -379,29 +467,56 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
                         "minibatch": mbi,
                         "step": step0 + len(steps),
                         "lr": lr,
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": grad_norm,
                         **st,
                     }
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{st['loss']:+.4f}", refresh=False)
-                ctx.log(
-                    f"  update: step {len(steps)} loss {st['loss']:+.4f} "
-                    f"grad_norm {float(grad_norm):.3f}"
-                )
+                log(f"  update: step {len(steps)} loss {st['loss']:+.4f} grad_norm {grad_norm:.3f}")
     seconds = time.perf_counter() - t0
 
     model.eval()
-    if lora_record is not None:
-        lora.save(model, out_dir / "model")  # merged weights, and the adapter in model/adapter/
+    folder = out_dir / "model"
+    if fsdp:
+        weights, opt_state = distributed.full_state(model, opt)  # collective
     else:
-        model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    torch.save(opt.state_dict(), out_dir / "model" / OPTIMIZER_FILE)
-    new_state = {"global_step": step0 + len(steps)}
-    if lora_record is not None:
-        new_state["lora"] = lora_record
-    (out_dir / "model" / STATE_FILE).write_text(json.dumps(new_state))
+        weights, opt_state = None, (opt.state_dict() if rank == 0 else None)
+    if rank == 0:
+        if lora_record is not None:
+            lora.save(model, folder)  # merged weights, and the adapter in model/adapter/
+        else:
+            model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save(opt_state, folder / OPTIMIZER_FILE)
+        new_state = {"global_step": step0 + len(steps)}
+        if lora_record is not None:
+            new_state["lora"] = lora_record
+        (folder / STATE_FILE).write_text(json.dumps(new_state))
+    return {
+        "steps": steps,
+        "record": record,
+        "minibatch_of": minibatch_of,
+        "tokens": tokens,
+        "seconds": seconds,
+        "trainable_params": sum(p.numel() for p in params) * (world if fsdp else 1),
+        "device": str(device),
+    }
+
+
+def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
+    u = cfg.update
+    cols = prepare(inputs["units"], cfg)
+    n = len(cols["unit_id"])
+    adv = np.asarray(cols["advantage"])
+    correct = np.asarray(cols["reward"]) >= cfg.score.correct_threshold
+    if cfg.cluster.ray_address:
+        from stages import distributed
+
+        res = distributed.train_on_ranks(inputs, out_dir, cfg, ctx)
+    else:
+        res = train(cols, inputs, out_dir, cfg, ctx.iteration, log=ctx.log, ctx=ctx)
+    steps, record, minibatch_of = res["steps"], res["record"], res["minibatch_of"]
     pq.write_table(pa.Table.from_pylist(steps), out_dir / "metrics.parquet")
     record.sort(key=lambda r: r[0])
     pq.write_table(
@@ -430,7 +545,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     lens = np.asarray(cols["response_len"])
     metrics = {
         "optimizer_steps": len(steps),
-        "global_step": step0 + len(steps),
+        "global_step": steps[-1]["step"] + 1,
         "lr": steps[-1]["lr"],
         "loss": steps[-1]["loss"],
         "grad_norm": mean("grad_norm"),
@@ -444,11 +559,12 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "len_correct": float(lens[correct].mean()) if correct.any() else None,
         "len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
         **diagnostics(cols, adv, record, correct),
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": res["trainable_params"],
         "lora_r": u.lora_r,
-        "tokens_trained": tokens,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
-        "device": str(device),
+        "tokens_trained": res["tokens"],
+        "tokens_per_s": res["tokens"] / max(res["seconds"], 1e-9),
+        "device": res["device"],
+        **({k: res[k] for k in ("workers", "worker_nodes")} if "workers" in res else {}),
     }
     return {"rows": n, "metrics": metrics}
 

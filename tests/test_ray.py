@@ -137,3 +137,116 @@ def test_a_worker_killed_mid_stage_is_a_clear_error_and_the_rerun_resumes(tmp_pa
     again = runner.online(cfg, run_dir, call=runner._direct)
     assert all(r.cached for r in again[0].values())  # iteration 0 from the cache
     assert not again[1]["generate"].cached
+
+
+# --- data-parallel update ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dp_units(tmp_path_factory):
+    """Group units of 12 synthetic prompts x 4 tracks (rewards vary within units; some
+    units all-equal, so zero-signal members are skipped on some ranks and not others)."""
+    from eqlen_testing.synthetic import synthetic_scored
+    from stages import pair
+
+    root = tmp_path_factory.mktemp("dp-units")
+    cfg = config.load(None, ["generate.group_size=4", "generate.max_new_tokens=8"])
+    scored = synthetic_scored(
+        48, rounds=1, group_size=4, max_new_tokens=8, prompt_len=(3, 6), vocab=261, seed=5
+    )
+    (root / "scored").mkdir()
+    pq.write_table(scored, root / "scored" / "scored.parquet")
+    (root / "units").mkdir()
+    pair.run({"scored": root / "scored"}, root / "units", cfg, runner.Context(iteration=0))
+    return root / "units"
+
+
+def update_once(tmp_path, name, units, policy, reference, *overrides, iteration=0):
+    from stages import update
+
+    cfg = config.load(
+        None,
+        [
+            "generate.group_size=4",
+            "generate.max_new_tokens=8",
+            "update.lr=0.01",
+            "update.minibatches=2",
+            "update.micro_batch_size=3",
+            "update.device=cpu",
+            *overrides,
+        ],
+    )
+    out = tmp_path / name
+    out.mkdir()
+    res = update.run(
+        {"units": units, "policy": policy, "reference": reference},
+        out,
+        cfg,
+        runner.Context(iteration=iteration, log=lambda m: None),
+    )
+    return out / "model", res
+
+
+def assert_params_close(a: Path, b: Path, rel=1e-5):
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        d = (wa[k] - wb[k]).norm() / wa[k].norm().clamp_min(1e-12)
+        assert d < rel, (k, float(d))
+    oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for key in ("exp_avg", "exp_avg_sq"):
+            x, y = oa["state"][i][key], ob["state"][i][key]
+            d = (x - y).norm() / x.norm().clamp_min(1e-30)
+            assert d < 1e-4, (i, key, float(d))  # second moments: float noise squared
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_two_ranks_take_the_step_of_one_process(
+    tmp_path, policy_dir, dp_units, ray_local, sharding, loss_agg
+):
+    """token_mean's weights depend on the whole mini-batch (1 / its token count): the
+    ranks see halves of it and still take one process's step; the optimizer state too."""
+    agg = f"update.loss_agg={loss_agg}"
+    one, _ = update_once(tmp_path, "one", dp_units, policy_dir, policy_dir, agg)
+    two, res = update_once(
+        tmp_path,
+        "two",
+        dp_units,
+        policy_dir,
+        policy_dir,
+        agg,
+        ray_local,
+        "update.workers=2",
+        f"update.sharding={sharding}",
+    )
+    assert res["metrics"]["workers"] == 2 and len(res["metrics"]["worker_nodes"]) == 2
+    assert_params_close(one, two)
+    # Every member's per-token gradient weight, gathered from the ranks, is one process's.
+    ta = pq.read_table(one.parent / "token_weights.parquet").to_pylist()
+    tb = pq.read_table(two.parent / "token_weights.parquet").to_pylist()
+    assert [r["unit_id"] for r in ta] == [r["unit_id"] for r in tb]
+    for ra_, rb_ in zip(ta, tb):
+        assert ra_["agg_weight"] == pytest.approx(rb_["agg_weight"], abs=1e-9)
+        assert ra_["grad_weight"] == pytest.approx(rb_["grad_weight"], rel=1e-4, abs=1e-7)
+    # The next iteration resumes the optimizer written by two ranks, on one or two.
+    a, ra = update_once(tmp_path, "a", dp_units, two, policy_dir, agg, iteration=1)
+    b, rb = update_once(
+        tmp_path,
+        "b",
+        dp_units,
+        two,
+        policy_dir,
+        agg,
+        ray_local,
+        "update.workers=2",
+        f"update.sharding={sharding}",
+        iteration=1,
+    )
+    assert ra["metrics"]["global_step"] == rb["metrics"]["global_step"] == 4
+    assert_params_close(a, b)
