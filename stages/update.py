@@ -63,7 +63,14 @@ OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
 # Where the step runs, not what it is: N data-parallel ranks take the same step as one
 # (tested to 1e-5 relative), on CPU or GPU.
-WHERE = ("update.device", "update.workers", "update.sharding", "cluster.ray_address")
+# (generate.workers: with update.workers, how many CPUs a local Ray instance offers.)
+WHERE = (
+    "update.device",
+    "update.workers",
+    "update.sharding",
+    "cluster.ray_address",
+    "generate.workers",
+)
 
 
 def reads(cfg: Config) -> tuple[str, ...]:

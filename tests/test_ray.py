@@ -250,3 +250,33 @@ def test_two_ranks_take_the_step_of_one_process(
     )
     assert ra["metrics"]["global_step"] == rb["metrics"]["global_step"] == 4
     assert_params_close(a, b)
+
+
+@pytest.mark.flow
+def test_a_run_on_ray_with_two_rollout_workers_and_two_ranks(prefect_server, tmp_path):
+    """`eqlen run` as a user runs it: a local Ray instance, 2 rollout workers and 2 update
+    ranks for 2 iterations of EqLen; it says where each worker runs, `show` records them,
+    and scripts/check_run.py finds every invariant held and every log-prob recomputed."""
+    import json
+    import sys
+
+    from eqlen_testing.cli import SMALL as CLI_SMALL
+    from eqlen_testing.cli import eqlen
+
+    run_dir = tmp_path / "run"
+    ray_opts = ["cluster.ray_address=local", "generate.workers=2", "update.workers=2"]
+    method = ["generate.rounds=2", "pair.strategy=eqlen", "update.loss_agg=unit_mean"]
+    sets = [a for kv in (*ray_opts, *method) for a in ("--set", kv)]
+    p = eqlen("run", "--run-dir", run_dir, "--iterations", 2, *CLI_SMALL, *sets)
+    assert p.stdout.count("rollout worker") == 2 and p.stdout.count("update: rank") == 2
+    data = json.loads(eqlen("show", run_dir, "--json").stdout)
+    for it in data["iterations"]:
+        assert it["stages"]["generate"]["metrics"]["workers"] == 2
+        assert len(it["stages"]["update"]["metrics"]["worker_nodes"]) == 2
+    root = Path(__file__).resolve().parents[1]
+    check = subprocess.run(
+        [sys.executable, str(root / "scripts" / "check_run.py"), str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
