@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/bench_update.py [--loss-agg seq_mean_token_mean] [--repeats 7]
                                                 [--threads 1] [--skip-zero-signal]
+                                                [--algorithm grpo]
+
+`--algorithm` picks the objective (default grpo; `trl_objective` maps each to TRL): gspo,
+luspo, sapo, cispo and the rloo forms need the aggregation TRL uses for them (luspo, sapo,
+gspo, rloo_trl: seq_mean_token_mean; cispo: token_mean). `rloo_trl` runs TRL's
+`RLOOTrainer` instead (same fixed-rollout subclassing; its batch carries the sequence
+sums of the sampling log-probs, `old_logps`, and RLOO's leave-one-out advantages).
 
 Data. One demo iteration (128 prompts x 8 tracks sampled from the shipped policy) is
 generated once by the project's own generate, score and pair stages (`pair.strategy=group`,
@@ -85,6 +92,14 @@ TRL_LOSS_TYPE = {
     "token_mean": "dapo",
     "seq_mean_token_sum_norm": "dr_grpo",
 }
+# EqLen algorithms that are a TRL loss_type of their own -> (that loss_type, the EqLen
+# aggregation TRL's normaliser for it equals, TRL importance_sampling_level).
+TRL_OWN_LOSS = {
+    "luspo": ("luspo", "seq_mean_token_mean", "sequence"),
+    "sapo": ("sapo", "seq_mean_token_mean", "token"),
+    "cispo": ("cispo", "token_mean", "token"),
+}
+TRL_ALGORITHMS = ("grpo", "rloo", "rloo_token", "gspo", *TRL_OWN_LOSS, "rloo_trl")
 UNIT_COLUMNS = (
     "unit_id",
     "prompt_id",
@@ -123,6 +138,59 @@ def trl_advantages(rewards, unit_id, eps: float = 1e-4) -> torch.Tensor:
         g = r[sel]
         adv[sel] = (g - g.mean()) / (g.std(unbiased=True) + eps)
     return adv
+
+
+def trl_rloo_advantages(rewards, unit_id) -> torch.Tensor:
+    """Advantages as RLOOTrainer's generation phase computes them (float32, its default
+    `normalize_advantages=False`, `beta=0` so no KL in the reward): per group,
+    R - (sum of the group - R) / (G - 1)."""
+    r = torch.as_tensor(np.asarray(rewards, dtype=np.float32))
+    uid = np.asarray(unit_id)
+    adv = torch.zeros_like(r)
+    for u in np.unique(uid):
+        sel = torch.as_tensor(uid == u)
+        g = r[sel]
+        adv[sel] = g - (g.sum() - g) / (len(g) - 1)
+    return adv
+
+
+def trl_objective(cfg) -> tuple[str, dict]:
+    """The TRL trainer ("grpo" or "rloo") and its config arguments that run the objective
+    of EqLen's `update.algorithm` with `update.loss_agg`: loss_type, importance-sampling
+    level, clip bounds, SAPO's temperatures. ValueError for a pairing TRL does not run.
+
+    Clip bounds: TRL's `epsilon` / `epsilon_high` are EqLen's clip_low / clip_high, except
+    for cispo, whose TRL `epsilon_high` is the bound on the ratio itself (1 + clip_high)."""
+    u = cfg.update
+    algo, agg = u.algorithm, u.loss_agg
+    kw = {"epsilon": u.clip_low, "epsilon_high": u.clip_high}
+    if algo not in TRL_ALGORITHMS:
+        raise ValueError(f"no TRL counterpart for update.algorithm={algo}")
+    if algo == "rloo_trl":
+        if agg != "seq_mean_token_mean":
+            raise ValueError("TRL's RLOOTrainer averages over sequences: seq_mean_token_mean")
+        return "rloo", kw
+    if algo in TRL_OWN_LOSS:
+        loss_type, need, level = TRL_OWN_LOSS[algo]
+        if agg != need:
+            raise ValueError(f"TRL's {loss_type} normalises as EqLen's {need}, not {agg}")
+        kw.update(loss_type=loss_type, importance_sampling_level=level)
+        if algo == "cispo":
+            kw["epsilon_high"] = 1 + u.clip_high
+        if algo == "sapo":
+            kw.update(
+                sapo_temperature_pos=u.sapo_temperature_pos,
+                sapo_temperature_neg=u.sapo_temperature_neg,
+            )
+        return "grpo", kw
+    if agg not in TRL_LOSS_TYPE:
+        raise ValueError(f"no TRL loss_type aggregates as {agg}")
+    kw["loss_type"] = TRL_LOSS_TYPE[agg]
+    if algo == "gspo":
+        if agg != "seq_mean_token_mean":
+            raise ValueError("TRL runs GSPO with loss_type grpo: seq_mean_token_mean")
+        kw["importance_sampling_level"] = "sequence"
+    return "grpo", kw
 
 
 def trl_generation_batch(
@@ -168,14 +236,39 @@ def trl_generation_batch(
     }
 
 
+def trl_rloo_batch(cols: dict[str, list], order, pad_id: int, advantages) -> dict:
+    """What RLOOTrainer's generation phase returns: the GRPO batch's prompt and completion
+    tensors, the advantages, and `old_logps`, each row's sum of sampling log-probs over its
+    completion mask (RLOO's sequence-level ratio is exp(sum logp - old_logps))."""
+    b = trl_generation_batch(cols, order, pad_id, advantages)
+    old = (b.pop("old_per_token_logps") * b["completion_mask"]).sum(1)
+    b.pop("num_items_in_batch")
+    return {**b, "old_logps": old}
+
+
+# TRL loss types whose normaliser is the generation batch's token count (dapo-like).
+TRL_TOKEN_NORMALISED = ("dapo", "cispo")
+
+
 def trl_normaliser_note(loss_type: str) -> str:
-    return {
-        "grpo": "exact: TRL's per-micro-batch mean over sequences / accumulation steps is the "
-        "mini-batch mean when micro-batches are equal in size",
-        "dr_grpo": "exact: 1 / (sequences per micro-batch x L_max x accumulation steps)",
-        "dapo": "not exact: TRL divides by the generation batch's tokens x accumulation steps / "
+    per_seq = (
+        "exact: TRL's per-micro-batch mean over sequences / accumulation steps is the "
+        "mini-batch mean when micro-batches are equal in size"
+    )
+    per_tok = (
+        "not exact: TRL divides by the generation batch's tokens x accumulation steps / "
         "steps_per_generation (the mean tokens per mini-batch), EqLen by the tokens of "
-        "the mini-batch itself",
+        "the mini-batch itself"
+    )
+    return {
+        "grpo": per_seq,
+        "sapo": per_seq,
+        "luspo": per_seq + " (TRL: mean over sequences of each one's token sum)",
+        "rloo": per_seq + " (RLOOTrainer's mean over sequences; HF Trainer divides by "
+        "accumulation steps)",
+        "dr_grpo": "exact: 1 / (sequences per micro-batch x L_max x accumulation steps)",
+        "dapo": per_tok,
+        "cispo": per_tok,
     }[loss_type]
 
 
@@ -223,12 +316,20 @@ def run_eqlen(cfg, units_dir: Path, out_dir: Path) -> dict:
     }
 
 
-def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict:
+def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str | None = None) -> dict:
+    """TRL's trainer for `trl_objective(cfg)` on the fixed rollouts (`loss_type`, when
+    given, overrides the objective's: the loss_agg comparisons of grpo)."""
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
     from trl.trainer.utils import split_tensor_dict
 
+    trainer_kind, objective = trl_objective(cfg)
+    if loss_type is not None:
+        objective["loss_type"] = loss_type
+    TrlConfig, Trainer = (
+        (GRPOConfig, GRPOTrainer) if trainer_kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    )
     u, n = cfg.update, len(order)
     per_minibatch = n // u.minibatches
     times, captured = {}, []
@@ -244,8 +345,9 @@ def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict
             if logs and "grad_norm" in logs:
                 captured.append(dict(logs))
 
-    class FixedRolloutGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer whose generation phase is replaced by fixed rollouts, unshuffled."""
+    class FixedRolloutTrainer(Trainer):
+        """GRPOTrainer (RLOOTrainer) whose generation phase is replaced by fixed rollouts,
+        unshuffled."""
 
         def __init__(self, *a, micro_batches, **kw):
             super().__init__(*a, **kw)
@@ -261,11 +363,12 @@ def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict
     tok = load_tokenizer(policy)
     model = load_policy(policy, torch.device("cpu"))
     t_prep = time.perf_counter()
-    batch = trl_generation_batch(cols, order, tok.pad_token_id, advantages)
+    make_batch = trl_generation_batch if trainer_kind == "grpo" else trl_rloo_batch
+    batch = make_batch(cols, order, tok.pad_token_id, advantages)
     micro = split_tensor_dict(batch, n // u.micro_batch_size)
     t_prep = time.perf_counter() - t_prep
     prompts = sorted(set(cols["prompt_id"]))
-    args = GRPOConfig(
+    args = TrlConfig(
         output_dir=str(out_dir),
         report_to=[],
         use_cpu=True,
@@ -291,15 +394,13 @@ def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict
         warmup_steps=0,
         weight_decay=u.weight_decay,
         max_grad_norm=u.max_grad_norm,
-        loss_type=loss_type,
         beta=0.0,
-        epsilon=u.clip_low,
-        epsilon_high=u.clip_high,
-        scale_rewards="group",
         shuffle_dataset=False,
         log_completions=False,
+        **objective,
+        **({"scale_rewards": "group"} if trainer_kind == "grpo" else {}),
     )
-    trainer = FixedRolloutGRPOTrainer(
+    trainer = FixedRolloutTrainer(
         model=model,
         reward_funcs=_never_called,
         args=args,
@@ -321,6 +422,7 @@ def run_trl(cfg, cols, order, advantages, out_dir: Path, loss_type: str) -> dict
         "prep": t_prep,
         "model": trainer.model,
         "optim": str(trainer.args.optim),
+        "objective": {"trainer": trainer_kind, **objective},
     }
 
 
@@ -333,7 +435,12 @@ def _never_called(completions, **kw):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--loss-agg", default="seq_mean_token_mean", choices=sorted(TRL_LOSS_TYPE))
+    ap.add_argument(
+        "--loss-agg",
+        default="seq_mean_token_mean",
+        choices=sorted({*TRL_LOSS_TYPE, *(a for _, a, _ in TRL_OWN_LOSS.values())}),
+    )
+    ap.add_argument("--algorithm", default="grpo", choices=TRL_ALGORITHMS)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
@@ -360,12 +467,14 @@ def main() -> None:
         None,
         [
             f"update.loss_agg={args.loss_agg}",
+            f"update.algorithm={args.algorithm}",
             "pair.strategy=group",
             f"update.skip_zero_signal={str(args.skip_zero_signal).lower()}",
             *args.set,
         ],
     )
-    loss_type = TRL_LOSS_TYPE[args.loss_agg]
+    trainer_kind, objective = trl_objective(cfg)
+    loss_type = objective.get("loss_type", "rloo")
     if cfg.update.epochs != 1 or cfg.update.beta != 0 or cfg.update.lr_schedule != "constant":
         raise SystemExit("this comparison covers epochs=1, beta=0, a constant lr")
     tmp = Path(tempfile.mkdtemp(prefix="bench_update_"))
@@ -384,7 +493,12 @@ def main() -> None:
         )
     order = np.concatenate(minibatch_order(n, cfg))
     adv_eqlen = update.advantages(cols, cfg)
-    adv_trl = trl_advantages(cols["reward"], cols["unit_id"], eps=cfg.update.eps)
+    if cfg.update.advantage != "auto":
+        raise SystemExit("this comparison hands TRL its own advantages: update.advantage=auto")
+    if update.ALGORITHMS.get(cfg.update.algorithm).advantage == "rloo":
+        adv_trl = trl_rloo_advantages(cols["reward"], cols["unit_id"])
+    else:
+        adv_trl = trl_advantages(cols["reward"], cols["unit_id"], eps=cfg.update.eps)
     tokens = sum(sum(m) for m in cols["loss_mask"])
 
     print(
@@ -396,8 +510,8 @@ def main() -> None:
         f"batch: {n} members ({len(set(cols['unit_id']))} prompts x {cols['unit_size'][0]}), "
         f"{tokens} trained tokens, {cfg.update.minibatches} mini-batches x "
         f"{n // cfg.update.minibatches} members, micro-batch {cfg.update.micro_batch_size}; "
-        f"loss_agg {args.loss_agg} = TRL loss_type {loss_type!r}; skip_zero_signal "
-        f"{cfg.update.skip_zero_signal}"
+        f"algorithm {args.algorithm}, loss_agg {args.loss_agg} = TRL {trainer_kind} trainer "
+        f"{objective}; skip_zero_signal {cfg.update.skip_zero_signal}"
     )
 
     runs = {"eqlen": [], "trl": []}
@@ -408,7 +522,7 @@ def main() -> None:
             if side == "eqlen":
                 res = run_eqlen(cfg, units_dir, out)
             else:
-                res = run_trl(cfg, cols, order, adv_trl, out, loss_type)
+                res = run_trl(cfg, cols, order, adv_trl, out)
             runs[side].append(res)
     e0, t0_ = runs["eqlen"][0], runs["trl"][0]
     assert torch.get_num_threads() == args.threads
@@ -440,7 +554,7 @@ def main() -> None:
         f"(max |param change| {moved:.1e})"
     )
     print(f"  normaliser: {trl_normaliser_note(loss_type)}")
-    if loss_type == "dapo":
+    if loss_type in TRL_TOKEN_NORMALISED:
         mb0 = minibatch_order(n, cfg)[0]
         expect = sum(sum(cols["loss_mask"][i]) for i in mb0) / (tokens / cfg.update.minibatches)
         print(
@@ -452,7 +566,8 @@ def main() -> None:
     print(f"\nmedians over {args.repeats} repeats:")
     print("| trainer | loop s | trained tokens/s | whole call s |")
     print("|---|---|---|---|")
-    for side, label in (("eqlen", "EqLen update stage"), ("trl", "TRL GRPOTrainer")):
+    trl_label = "TRL GRPOTrainer" if trainer_kind == "grpo" else "TRL RLOOTrainer"
+    for side, label in (("eqlen", "EqLen update stage"), ("trl", trl_label)):
         print(
             f"| {label} | {med(side, 'loop'):.3f} | {tokens / med(side, 'loop'):,.0f} | "
             f"{med(side, 'whole'):.2f} |"

@@ -20,7 +20,11 @@ Tensors: B sequences (unit members) of a mini-batch, L = its longest segment.
 Names follow TRL / verl where they coincide: `seq_mean_token_mean` = TRL loss_type "grpo"
 = verl "seq-mean-token-mean"; `token_mean` = TRL "dapo"/"bnpo" = verl "token-mean";
 `seq_mean_token_sum_norm` = TRL "dr_grpo" = verl "seq-mean-token-sum-norm" (constant
-L_max = generate.max_new_tokens).
+L_max = generate.max_new_tokens). TRL's loss types that change the surrogate rather than
+the aggregation are algorithms here: `luspo`, `cispo`, `sapo` (with the aggregation TRL
+uses for each: seq_mean_token_mean, token_mean, seq_mean_token_mean); TRL's RLOOTrainer
+objective is `rloo_trl`, while `rloo` (= `rloo_token`) is verl's token-level form.
+benchmarks/bench_update.py and tests/test_trl_losses.py check each against TRL's code.
 """
 
 from __future__ import annotations
@@ -58,18 +62,32 @@ class Estimator:
 class Algorithm:
     """A policy-gradient objective: its per-token surrogate `loss` and the advantage
     estimator it pairs with (`update.advantage=auto`; that estimator's default scaling goes
-    with it). Called like its loss."""
+    with it). `options` maps the loss's own keyword arguments to the `update.*` keys that
+    set them (e.g. SAPO's temperatures); `kwargs(u)` is everything the loss takes from the
+    update config. Called like its loss."""
 
     loss: Callable[..., tuple[torch.Tensor, dict]]
     advantage: str
+    options: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, *args, **kw) -> tuple[torch.Tensor, dict]:
         return self.loss(*args, **kw)
 
+    def kwargs(self, u) -> dict:
+        """The loss's keyword arguments from the update config `u` (`cfg.update`): the clip
+        settings every algorithm accepts, plus its `options`."""
+        kw = {"clip_low": u.clip_low, "clip_high": u.clip_high, "dual_clip": u.dual_clip}
+        kw.update({arg: getattr(u, key) for arg, key in self.options})
+        return kw
 
-def algorithm(name: str, *, advantage: str):
+
+def algorithm(name: str, *, advantage: str, options=(), aliases=()):
+    """Register `fn` as algorithm `name` (and under each alias: the same record)."""
+
     def deco(fn):
-        ALGORITHMS.register(name)(Algorithm(fn, advantage))
+        record = Algorithm(fn, advantage, tuple(options))
+        for n in (name, *aliases):
+            ALGORITHMS.register(n)(record)
         return fn
 
     return deco
@@ -184,10 +202,13 @@ def grpo_token_loss(
     return loss, _clip_stats(ratio.detach(), a, mask, clip_low, clip_high, logp - old)
 
 
-@algorithm("rloo", advantage="rloo")
+@algorithm("rloo", advantage="rloo", aliases=("rloo_token",))
 def rloo_token_loss(logp, old, adv, mask, **kw) -> tuple[torch.Tensor, dict]:
-    """RLOO (Ahmadian et al. 2024) as TRL and verl run it: the same clipped token-level
-    surrogate as grpo; what differs is the advantage (leave-one-out, see ADVANTAGES)."""
+    """RLOO's advantage with PPO's token-level surrogate, as verl runs it (verl's `rloo`
+    estimator with its `vanilla` policy loss): the same clipped token-level surrogate as
+    grpo, l = max(-A r, -A clip(r)), r = exp(logp - old) per token; what differs is the
+    advantage (leave-one-out, see ADVANTAGES). `rloo_token` is the same record under a name
+    that says so. TRL's RLOOTrainer is not this form: see `rloo_trl`."""
     return grpo_token_loss(logp, old, adv, mask, **kw)
 
 
@@ -217,6 +238,117 @@ def gspo_loss(
         logp - old,
     )
     return loss, st
+
+
+def _seq_stats(ratio_b, adv, mask, clip_low, clip_high, logp, old) -> dict:
+    """_clip_stats of a per-sequence ratio [B], broadcast over each member's tokens."""
+    return _clip_stats(
+        ratio_b.detach()[:, None].expand_as(logp),
+        adv[:, None].expand_as(logp),
+        mask,
+        clip_low,
+        clip_high,
+        logp - old,
+    )
+
+
+@algorithm("luspo", advantage="grpo")
+def luspo_loss(
+    logp, old, adv, mask, *, clip_low: float, clip_high: float, dual_clip: float = 0.0, **_
+) -> tuple[torch.Tensor, dict]:
+    """LUSPO, length-unbiased sequence policy optimisation (arXiv 2602.05261; TRL
+    loss_type="luspo" with importance_sampling_level="sequence"): GSPO's clipped sequence
+    loss l_b (ratio s_b = exp(mean of the member's log-ratios)) scaled by the member's
+    length, l[b,t] = |o_b| l_b on every loss token. With `seq_mean_token_mean` the
+    objective is TRL's, (1/B) sum_b |o_b| l_b (TRL: `(per_token_loss * mask).sum(-1).mean()`),
+    and d/d logp[b,t] = -A_b s_b / B for an unclipped member: every token of every member
+    the same weight, where GSPO's falls as 1 / |o_b|. Meant for that aggregation; under
+    another one, w[b,t] multiplies |o_b| l_b. Use GSPO's small clip ranges."""
+    s = sequence_ratio(logp, old, mask)
+    seq_loss = _clipped(s, adv, clip_low, clip_high, dual_clip) * mask.float().sum(-1)
+    loss = seq_loss[:, None].expand_as(logp)
+    return loss, _seq_stats(s, adv, mask, clip_low, clip_high, logp, old)
+
+
+@algorithm("cispo", advantage="grpo")
+def cispo_loss(logp, old, adv, mask, *, clip_high: float, **_) -> tuple[torch.Tensor, dict]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585; TRL loss_type="cispo"): the token ratio
+    r = exp(logp - old), clipped from above and detached, weights a REINFORCE term:
+    l = -sg(min(r, 1 + clip_high)) * A * logp. Every token keeps a gradient,
+    -A min(r, 1 + clip_high) d logp: clipping bounds its size instead of zeroing it (PPO's
+    clip drops the gradient of a clipped token). No lower bound (as TRL; MiniMax-M1 sets
+    its lower bound out of reach), so clip_low and dual_clip are not used. TRL's
+    `epsilon_high` is the bound itself (its epsilon_max; ScaleRL recommends 5), here it is
+    1 + clip_high as for every other ratio bound: TRL epsilon_high = 1 + clip_high. TRL
+    aggregates CISPO like dapo: use `token_mean`."""
+    ratio = torch.exp(logp - old)
+    bound = 1 + clip_high
+    weight = ratio.clamp(max=bound).detach()
+    a = adv[:, None].expand_as(ratio)
+    loss = -weight * a * logp
+    st = _clip_stats(ratio.detach(), a, mask, 0.0, clip_high, logp - old)
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    clipped = float(((ratio.detach() > bound).float() * m).sum() / n)  # whatever the sign of A
+    st.update(clipfrac=clipped, clipfrac_high=clipped, clipfrac_low=0.0)
+    return loss, st
+
+
+@algorithm(
+    "sapo",
+    advantage="grpo",
+    options=(
+        ("temperature_pos", "sapo_temperature_pos"),
+        ("temperature_neg", "sapo_temperature_neg"),
+    ),
+)
+def sapo_loss(
+    logp, old, adv, mask, *, temperature_pos: float = 1.0, temperature_neg: float = 1.05, **_
+) -> tuple[torch.Tensor, dict]:
+    """SAPO, soft adaptive policy optimisation (arXiv 2511.20347; TRL loss_type="sapo",
+    token-level ratio): a temperature-controlled soft gate instead of the hard clip,
+    l = -A * (4 / tau) * sigmoid(tau (r - 1)), r = exp(logp - old), tau = temperature_pos
+    (update.sapo_temperature_pos) where A > 0, else temperature_neg. d l / d r =
+    -A * 4 sigmoid(x) (1 - sigmoid(x)), x = tau (r - 1): exactly grpo's -A at r = 1,
+    shrinking smoothly as r leaves 1 instead of dropping to 0 at a clip bound (faster for
+    the negative side, tau_neg > tau_pos). The value at r = 1 is -2A / tau (not grpo's -A).
+    TRL aggregates it like grpo: use `seq_mean_token_mean`. No clip bounds are used; the
+    stats report the mean gate 4 sigmoid (1 - sigmoid) (`sapo_gate`, 1 at r = 1)."""
+    ratio = torch.exp(logp - old)
+    a = adv[:, None].expand_as(ratio)
+    tau = torch.where(a > 0, temperature_pos, temperature_neg).to(ratio.dtype)
+    gate = torch.sigmoid(tau * (ratio - 1))
+    loss = -a * gate * 4 / tau
+    st = _clip_stats(ratio.detach(), a, mask, float("inf"), float("inf"), logp - old)
+    m = mask.float()
+    g = gate.detach()
+    st["sapo_gate"] = float((4 * g * (1 - g) * m).sum() / m.sum().clamp(min=1))
+    return loss, st
+
+
+def sequence_sum_ratio(logp, old, mask) -> torch.Tensor:
+    """rho_b = exp(sum over the member's loss tokens of (logp - old)): the ratio of the
+    sequence's probabilities (TRL RLOOTrainer's), shape [B]."""
+    return torch.exp(((logp - old) * mask.float()).sum(-1))
+
+
+@algorithm("rloo_trl", advantage="rloo")
+def rloo_trl_loss(
+    logp, old, adv, mask, *, clip_low: float, clip_high: float, dual_clip: float = 0.0, **_
+) -> tuple[torch.Tensor, dict]:
+    """RLOO as TRL's RLOOTrainer runs it (Ahmadian et al. 2024): one ratio per sequence,
+    rho_b = exp(sum_t (logp - old)) (GSPO takes the mean instead), clipped PPO-style:
+    l_b = max(-A rho_b, -A clip(rho_b, 1 - clip_low, 1 + clip_high)), placed on every loss
+    token of b. With `seq_mean_token_mean` the objective is TRL's mean over sequences,
+    (1/B) sum_b l_b, with no per-token length normalisation: d/d logp[b,t] = -A rho_b / B
+    for an unclipped member, the sequence's full weight on each of its tokens. The default
+    advantage is the leave-one-out one, unscaled (TRL: normalize_advantages=False).
+    rho_b multiplies the per-token drifts, so it leaves [1 - clip_low, 1 + clip_high] far
+    sooner than a token ratio; dual_clip bounds the A < 0 side as for grpo."""
+    rho = sequence_sum_ratio(logp, old, mask)
+    seq_loss = _clipped(rho, adv, clip_low, clip_high, dual_clip)
+    loss = seq_loss[:, None].expand_as(logp)
+    return loss, _seq_stats(rho, adv, mask, clip_low, clip_high, logp, old)
 
 
 def k3_kl(logp, ref_logp) -> torch.Tensor:

@@ -232,9 +232,7 @@ def backward_sums(
         old = torch.nn.functional.pad(old, (0, width - old.shape[1])).to(device)
         adv = torch.tensor([cols["advantage"][i] for i in idx], dtype=torch.float32, device=device)
         m, w = mask[pos], weights[pos] * scale
-        tok_loss, st = algo(
-            logp, old, adv, m, clip_low=u.clip_low, clip_high=u.clip_high, dual_clip=u.dual_clip
-        )
+        tok_loss, st = algo(logp, old, adv, m, **algo.kwargs(u))
         loss = (w * tok_loss * m).sum()
         if ref_model is not None and u.beta > 0:
             with torch.no_grad(), autocast:

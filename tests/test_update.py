@@ -90,8 +90,10 @@ def test_k3_kl_by_hand():
 @pytest.mark.parametrize("name", losses.LOSS_AGGS.names())
 @pytest.mark.parametrize("algo", losses.ALGORITHMS.names())
 def test_per_token_gradient_weight_matches_the_formula(name, algo):
-    """At ratio 1, d loss / d logp[b,t] = -A_b * w[b,t] for grpo/rloo. For gspo the sequence
-    loss sits on every token: d/d logp[b,t] = -A_b * (sum_t' w[b,t']) / |o_b|."""
+    """At ratio 1, d loss / d logp[b,t] = -A_b * w[b,t] for the token-level surrogates. For
+    gspo the sequence loss sits on every token: d/d logp[b,t] = -A_b * (sum_t' w[b,t']) /
+    |o_b|; luspo scales that by |o_b| and rloo_trl's ratio is over the sum of log-ratios, so
+    both give -A_b * sum_t' w[b,t'] on every token."""
     logp = torch.zeros(2, 4, requires_grad=True)
     adv = torch.tensor([1.0, -2.0])
     w = agg(name)
@@ -99,11 +101,9 @@ def test_per_token_gradient_weight_matches_the_formula(name, algo):
         logp, torch.zeros(2, 4), adv, MASK, clip_low=0.2, clip_high=0.2
     )
     (w * tok * MASK).sum().backward()
-    if algo == "gspo":
-        per = w.sum(-1, keepdim=True) / MASK.sum(-1, keepdim=True)
-        expected = -adv[:, None] * per * MASK
-    else:
-        expected = -adv[:, None] * w
+    W = w.sum(-1, keepdim=True)
+    g = {"gspo": W / MASK.sum(-1, keepdim=True), "luspo": W, "rloo_trl": W}.get(algo, w)
+    expected = -adv[:, None] * g * MASK
     torch.testing.assert_close(logp.grad, expected)
 
 
