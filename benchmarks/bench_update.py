@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows import report, runner  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.models import load_policy, load_tokenizer  # noqa: E402
+from stages.update import UNIT_COLUMNS  # noqa: E402  (the columns the update reads)
 
 # EqLen's update.loss_agg -> TRL's loss_type with the same per-token weights
 # (token_mean/dapo differ in the normaliser's scope: see trl_normaliser_note()).
@@ -100,21 +101,6 @@ TRL_OWN_LOSS = {
     "cispo": ("cispo", "token_mean", "token"),
 }
 TRL_ALGORITHMS = ("grpo", "rloo", "rloo_token", "gspo", *TRL_OWN_LOSS, "rloo_trl")
-UNIT_COLUMNS = (
-    "unit_id",
-    "prompt_id",
-    "strategy",
-    "round",
-    "unit_size",
-    "context_ids",
-    "segment_ids",
-    "old_logprobs",
-    "loss_mask",
-    "reward",
-    "advantage",
-    "response_len",
-    "finish_reason",
-)
 
 
 # ------------------------------------------------------------------ EqLen units -> TRL
