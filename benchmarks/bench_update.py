@@ -1,5 +1,8 @@
 """Benchmark: the update stage against TRL's `GRPOTrainer`, on the same rollouts and loss.
 
+(Over 500 lines: the EqLen-units-to-TRL conversion and the drivers of both TRL trainers
+are one comparison; split they would be read side by side anyway.)
+
     .venv/bin/python benchmarks/bench_update.py [--loss-agg seq_mean_token_mean] [--repeats 7]
                                                 [--threads 1] [--skip-zero-signal]
                                                 [--algorithm grpo]

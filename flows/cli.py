@@ -1,5 +1,8 @@
 """The `eqlen` command line (docs/method.md, "Interfaces").
 
+(Over 500 lines: one small function per subcommand plus the argument parser; each is
+short, and splitting the parser from its handlers would separate what is read together.)
+
 eqlen run   [--config FILE] [--run-dir DIR] [--iterations N] [--set KEY=VALUE ...] [--force]
 eqlen stage NAME --run-dir DIR [--iteration I] [--set KEY=VALUE ...] [--force]
             [--input LABEL=PATH ...] [--config FILE]

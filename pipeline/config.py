@@ -1,5 +1,8 @@
 """Run configuration: one documented dataclass per stage, loaded from YAML and `--set`.
 
+(Over 500 lines: mostly the documented fields of eight sections; the loading code is
+the last 150 lines.)
+
 Every field carries its meaning, unit and default in `metadata["help"]`; fields with a
 closed set of values carry `metadata["choices"]`: a tuple, or `registry=True` when the
 valid names are those of the registry that the key selects from (`pipeline.registry.BY_KEY`,

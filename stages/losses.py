@@ -1,5 +1,8 @@
 """Advantage estimators, policy-gradient objectives and loss aggregations.
 
+(Over 500 lines: one registry each for estimators, objectives and aggregations, each
+function with its formula and source in the docstring.)
+
 The update minimises, per mini-batch,
 
     L = sum_{b,t} w[b,t] * l[b,t]   (+ beta * sum_{b,t} w[b,t] * kl[b,t])

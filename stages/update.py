@@ -1,5 +1,8 @@
 """Stage 4, update: one policy-optimisation step on comparison units.
 
+(Over 500 lines: the one-process loop and its data-parallel form are one `train`; the
+rank machinery itself lives in stages/distributed.py, LoRA in stages/lora.py.)
+
 Reads the units dataset and the policy the iteration started from, then
 
 1. computes each member's advantage (`update.advantage`: the algorithm's estimator, or the

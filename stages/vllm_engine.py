@@ -1,5 +1,8 @@
 """vLLM rollout engine (`generate.engine=vllm`): the dual-track rounds as request rounds.
 
+(Over 500 lines: vLLM's process-state guards, the live engine with its weight sync,
+and the request-round sampler belong to one engine.)
+
 vLLM's offline `LLM` runs in-process, next to the trainer. It cannot be stepped in
 lock-step one token at a time, and it does not need to: in a pair the survivor's tokens are
 sampled independently of its partner, so sampling each track to its end in one request
