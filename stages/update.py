@@ -58,6 +58,7 @@ from pipeline.models import load_policy, load_tokenizer, resolve_device
 from pipeline.stage import Stage, expand
 from stages import losses
 from stages.losses import ALGORITHMS, LOSS_AGGS, k3_kl
+from stages.members import Ragged, as_columns, from_table, gather_pad
 
 torch = lazy_import("torch")  # loaded on first use: declarations and cache keys need none
 
@@ -91,37 +92,114 @@ def reads(cfg: Config) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def pad(seqs: list[list], value, dtype) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=dtype)
-    return out
+def pad(seqs, value, dtype) -> torch.Tensor:
+    """Rows (a `Ragged` or lists) as one right-padded [rows, width] tensor."""
+    return as_ragged(seqs).pad(value, dtype)
+
+
+def as_ragged(rows) -> Ragged:
+    return rows if isinstance(rows, Ragged) else Ragged.from_lists(rows)
 
 
 def segment_logprobs(
     model,
-    context: list[list[int]],
-    segment: list[list[int]],
+    context,
+    segment,
     pad_id: int,
     temperature: float,
     device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs [B, Lseg] (right-padded) of each segment given its context, and entropy."""
-    seqs = [c + s for c, s in zip(context, segment)]
-    ids = pad(seqs, pad_id, torch.long).to(device)
-    attn = pad([[1] * len(s) for s in seqs], 0, torch.long).to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits.float() / temperature
-    width = max(len(s) for s in segment)
-    # Token j of the segment sits at position len(c)+j and is predicted at len(c)+j-1.
-    pos = torch.stack([torch.arange(width) + len(c) - 1 for c in context]).to(device)
-    pos = pos.clamp(max=ids.shape[1] - 2)
-    seg_logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    """Log-probs [B, Lseg] (right-padded) of each segment given its context, and entropy.
+    `context` and `segment`: token-id rows, a `Ragged` or lists."""
+    return forward(
+        model, micro(segment_batch(context, segment, pad_id), 0, None), temperature, device
+    )
+
+
+def forward(model, x: dict, temperature: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`segment_logprobs` on the inputs `micro` gives."""
+    x = {k: x[k].to(device) for k in ("ids", "attn", "pos", "targets")}
+    logits = model(input_ids=x["ids"], attention_mask=x["attn"]).logits.float() / temperature
+    seg_logits = logits.gather(1, x["pos"][..., None].expand(-1, -1, logits.shape[-1]))
     logp_all = torch.log_softmax(seg_logits, -1)
-    targets = pad(segment, pad_id, torch.long).to(device)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    logp = logp_all.gather(-1, x["targets"][..., None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def segment_batch(context, segment, pad_id: int, rows=None) -> dict:
+    """Rows (default: all) of context and segment ids gathered and right-padded together
+    (CPU): `ids` (context + segment) with their `attn` mask, `targets` (segment) and the
+    `pos` whose logits predict them, and each row's lengths (numpy). A micro-batch is a
+    slice of it (`micro`); `micro_batches` makes one per chunk of micro-batches."""
+    context, segment = as_ragged(context), as_ragged(segment)
+    rows = np.arange(len(segment)) if rows is None else rows
+    ids, seq_len = gather_pad([context, segment], rows, pad_id, np.int64)
+    targets, seg_len = gather_pad([segment], rows, pad_id, np.int64)
+    # Token j of the segment sits at position len(c)+j and is predicted at len(c)+j-1.
+    pos = np.arange(targets.shape[1])[None] + (seq_len - seg_len)[:, None] - 1
+    return {
+        "ids": torch.from_numpy(ids),
+        "attn": torch.from_numpy(np.arange(ids.shape[1])[None] < seq_len[:, None]).long(),
+        "targets": torch.from_numpy(targets),
+        "pos": torch.from_numpy(pos),
+        "seq_len": seq_len,
+        "seg_len": seg_len,
+    }
+
+
+def micro(x: dict, start: int, stop: int | None) -> dict[str, torch.Tensor]:
+    """Rows start:stop of a `segment_batch`, cut to their own widths."""
+    width = int(x["seq_len"][start:stop].max())
+    seg_width = int(x["seg_len"][start:stop].max())
+    return {
+        "ids": x["ids"][start:stop, :width],
+        "attn": x["attn"][start:stop, :width],
+        # Positions past a row's own segment (padding) stay inside the cut.
+        "pos": x["pos"][start:stop, :seg_width].clamp(max=width - 2),
+        "targets": x["targets"][start:stop, :seg_width],
+    }
+
+
+# Micro-batches gathered at a time: one gather per micro-batch costs more in numpy calls
+# than the Parquet read, one per mini-batch pages in matrices of hundreds of MB
+# (benchmarks/bench_data.py); a chunk stays in cache.
+CHUNK = 16
+
+
+def micro_batches(
+    cols: dict, mb: np.ndarray, active: np.ndarray, size: int, count: int, pad_id: int, width: int
+):
+    """The micro-batches of mini-batch `mb` (member indices) this rank forwards: positions
+    `active` of `mb`, `size` at a time, then as many repeats as make `count` (member 0 of
+    `mb` at weight 0: FSDP's collectives need every rank to run as many). Yields
+    (positions in `mb`, weight scale, `micro` inputs plus `old` log-probs padded to
+    `width` and `adv`)."""
+
+    def gather(pos):
+        rows = mb[pos]
+        x = segment_batch(cols["context_ids"], cols["segment_ids"], pad_id, rows)
+        x["old"] = cols["old_logprobs"].pad(0.0, torch.float32, width, rows)
+        x["adv"] = torch.as_tensor(cols["advantage"][rows], dtype=torch.float32)
+        return x
+
+    made = 0
+    for c in range(0, len(active), size * CHUNK):
+        chunk = active[c : c + size * CHUNK]
+        x = gather(chunk)
+        for s in range(0, len(chunk), size):
+            m = micro(x, s, s + size)
+            made += 1
+            yield (
+                chunk[s : s + size],
+                1.0,
+                {**m, "old": x["old"][s : s + size], "adv": x["adv"][s : s + size]},
+            )
+    if count > made:
+        x = gather(np.array([0]))
+        rep = {**micro(x, 0, 1), "old": x["old"], "adv": x["adv"]}
+        for _ in range(count - made):
+            yield np.array([0]), 0.0, rep
 
 
 def advantages(cols: dict[str, list], cfg: Config) -> np.ndarray:
@@ -171,6 +249,38 @@ def minibatch_backward(
     return step_stats(sums)
 
 
+def minibatch_plan(
+    cols: dict, mb: np.ndarray, cfg: Config, device, *, rank=0, world=1, even=False
+) -> dict:
+    """What is decided on the whole mini-batch `mb` before any member is forwarded: its
+    padded loss `mask`, the `weights` of `update.loss_agg`, the members not skipped
+    (`forwarded`, positions in `mb`), this rank's share of them (`active`) and how many
+    micro-batches it runs (`count`; with `even`, as many as the busiest rank)."""
+    u = cfg.update
+    mask = cols["loss_mask"].pad(False, torch.bool, rows=mb).to(device)
+    _, unit = np.unique(cols["unit_id"][mb], return_inverse=True)
+    weights = LOSS_AGGS.get(u.loss_agg)(
+        mask,
+        torch.as_tensor(unit, device=device),
+        max_new_tokens=cfg.generate.max_new_tokens,
+        alpha=u.delta_l_alpha,
+    )
+    skip = cols.get("skip")
+    forwarded = np.arange(len(mb)) if skip is None else np.flatnonzero(~np.asarray(skip)[mb])
+    active = forwarded[rank::world]
+    count = math.ceil(len(active) / u.micro_batch_size)
+    if even:
+        count = max(math.ceil(len(forwarded[r::world]) / u.micro_batch_size) for r in range(world))
+    return {
+        "mask": mask,
+        "weights": weights,
+        "width": mask.shape[1],
+        "forwarded": forwarded,
+        "active": active,
+        "count": count,
+    }
+
+
 def backward_sums(
     model,
     cols: dict[str, list],
@@ -194,20 +304,11 @@ def backward_sums(
     the busiest one (zero-weight repeats of a member), as FSDP's collectives need."""
     u = cfg.update
     algo = ALGORITHMS.get(u.algorithm)
-    mask = pad([cols["loss_mask"][i] for i in mb], False, torch.bool).to(device)
-    _, unit = np.unique([cols["unit_id"][i] for i in mb], return_inverse=True)
-    unit = torch.as_tensor(unit, device=device)
-    weights = LOSS_AGGS.get(u.loss_agg)(
-        mask, unit, max_new_tokens=cfg.generate.max_new_tokens, alpha=u.delta_l_alpha
-    )
-    width = mask.shape[1]
-    skip = cols.get("skip")
-    forwarded = np.array([i for i in range(len(mb)) if skip is None or not skip[mb[i]]], dtype=int)
-    active = forwarded[rank::world]
-    micro = list(range(0, len(active), u.micro_batch_size))
-    if even:
-        busiest = max(len(forwarded[r::world]) for r in range(world))
-        micro += [None] * (math.ceil(busiest / u.micro_batch_size) - len(micro))
+    cols = as_columns(cols)
+    mb = np.asarray(mb, dtype=np.int64)
+    plan = minibatch_plan(cols, mb, cfg, device, rank=rank, world=world, even=even)
+    mask, weights, active, width = plan["mask"], plan["weights"], plan["active"], plan["width"]
+    forwarded = plan["forwarded"]
     total, ent_sum, kl_sum = 0.0, 0.0, 0.0
     stat_sums = dict.fromkeys(
         ("clipfrac", "clipfrac_low", "clipfrac_high", "ratio_mean", "approx_kl"), 0.0
@@ -215,40 +316,32 @@ def backward_sums(
     autocast = torch.autocast(
         "cuda", dtype=torch.bfloat16, enabled=bool(u.bf16 and torch.device(device).type == "cuda")
     )
-    for s in micro:
-        # A repeat (even): member 0 of the mini-batch at weight 0: collectives, no gradient.
-        pos = active[s : s + u.micro_batch_size] if s is not None else np.array([0])
-        scale = 1.0 if s is not None else 0.0
-        idx = [mb[p] for p in pos]
-        ctx_ids = [cols["context_ids"][i] for i in idx]
-        seg_ids = [cols["segment_ids"][i] for i in idx]
+    temp = cfg.generate.temperature
+    batches = micro_batches(cols, mb, active, u.micro_batch_size, plan["count"], pad_id, width)
+    for pos, scale, x in batches:
+        # scale 0: a repeat (even), for the collectives only: no gradient, no statistics.
+        idx = mb[pos]
         with autocast:
-            logp, entropy = segment_logprobs(
-                model, ctx_ids, seg_ids, pad_id, cfg.generate.temperature, device
-            )
+            logp, entropy = forward(model, x, temp, device)
         # Pad to the mini-batch width so the precomputed weights line up.
         logp = torch.nn.functional.pad(logp, (0, width - logp.shape[1]))
         if record is not None:
             logp.retain_grad()
         entropy = torch.nn.functional.pad(entropy, (0, width - entropy.shape[1]))
-        old = pad([cols["old_logprobs"][i] for i in idx], 0.0, torch.float32)
-        old = torch.nn.functional.pad(old, (0, width - old.shape[1])).to(device)
-        adv = torch.tensor([cols["advantage"][i] for i in idx], dtype=torch.float32, device=device)
+        old, adv = x["old"].to(device), x["adv"].to(device)
         m, w = mask[pos], weights[pos] * scale
         tok_loss, st = algo(logp, old, adv, m, **algo.kwargs(u))
         loss = (w * tok_loss * m).sum()
         if ref_model is not None and u.beta > 0:
             with torch.no_grad(), autocast:
-                ref, _ = segment_logprobs(
-                    ref_model, ctx_ids, seg_ids, pad_id, cfg.generate.temperature, device
-                )
+                ref, _ = forward(ref_model, x, temp, device)
             kl = k3_kl(logp, torch.nn.functional.pad(ref, (0, width - ref.shape[1])))
             loss = loss + u.beta * (w * kl * m).sum()
             kl_sum += float((kl.detach() * m).sum()) * scale
         # (FSDP averages gradients over ranks: `even` ranks scale theirs to make it a sum.)
         grad_scale = world if even else 1
         (loss * grad_scale).backward()
-        if s is None:
+        if scale == 0:
             continue
         total += float(loss.detach())
         k = float(m.sum())
@@ -256,13 +349,12 @@ def backward_sums(
         for key, v in st.items():
             stat_sums[key] = stat_sums.get(key, 0.0) + v * k
         if record is not None:
-            for j, i in enumerate(idx):
-                n = len(cols["segment_ids"][i])
+            for j, (i, n) in enumerate(zip(idx.tolist(), cols["segment_ids"].lengths_of(idx))):
                 record.append((i, w[j, :n].tolist(), (logp.grad[j, :n] / grad_scale).tolist()))
     if record is not None and rank == 0:  # skipped members: weight counted, gradient zero
         for p in np.setdiff1d(np.arange(len(mb)), forwarded):
             n = len(cols["segment_ids"][mb[p]])
-            record.append((mb[p], weights[p, :n].tolist(), [0.0] * n))
+            record.append((int(mb[p]), weights[p, :n].tolist(), [0.0] * n))
     return {
         "loss": total,
         "entropy": ent_sum,
@@ -349,21 +441,21 @@ UNIT_COLUMNS = (
 )
 
 
-def prepare(units_dir: Path, cfg: Config) -> dict[str, list]:
-    """The units' columns as the training loop reads them: each member's advantage
+def prepare(units_dir: Path, cfg: Config) -> dict:
+    """The units' columns as the training loop reads them (stages/members.py: numpy
+    arrays and `Ragged` rows, never a Python object per token): each member's advantage
     (`update.advantage`), loss mask (`update.mask_truncated`) and `skip` flag."""
     u = cfg.update
     path = units_dir / "units.parquet"
-    units = schemas.validate(pq.read_table(path), schemas.UNITS, path)
-    cols = {c: units.column(c).to_pylist() for c in UNIT_COLUMNS}
-    cols["advantage"] = advantages(cols, cfg).tolist()
+    # The schema's columns only: a user's extra columns are neither checked nor read.
+    names = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c.name for c in schemas.UNITS.columns if c.name in names])
+    cols = from_table(schemas.validate(table, schemas.UNITS, path), UNIT_COLUMNS)
+    cols["advantage"] = advantages(cols, cfg)
     if u.mask_truncated:
-        cols["loss_mask"] = [
-            [False] * len(m) if fr == "length" else m
-            for m, fr in zip(cols["loss_mask"], cols["finish_reason"])
-        ]
+        cols["loss_mask"] = cols["loss_mask"].where_rows(cols["finish_reason"] == "length", False)
     if u.skip_zero_signal and u.beta == 0:
-        cols["skip"] = zero_signal(cols).tolist()
+        cols["skip"] = zero_signal(cols)
     return cols
 
 
@@ -527,19 +619,19 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
     steps, record, minibatch_of = res["steps"], res["record"], res["minibatch_of"]
     pq.write_table(pa.Table.from_pylist(steps), out_dir / "metrics.parquet")
     record.sort(key=lambda r: r[0])
+    order = np.asarray([i for i, _, _ in record], dtype=np.int64)
+    skip = cols.get("skip", np.zeros(n, dtype=bool))
     pq.write_table(
         pa.table(
             {
-                "unit_id": [cols["unit_id"][i] for i, _, _ in record],
-                "track_id": [cols["track_id"][i] for i, _, _ in record],
-                "member": [cols["member"][i] for i, _, _ in record],
-                "minibatch": [minibatch_of[i] for i, _, _ in record],
-                "forwarded": [not cols.get("skip", [False] * n)[i] for i, _, _ in record],
-                "segment_len": [cols["segment_len"][i] for i, _, _ in record],
-                "response_len": [cols["response_len"][i] for i, _, _ in record],
-                "reward": [cols["reward"][i] for i, _, _ in record],
-                "advantage": [float(adv[i]) for i, _, _ in record],
-                "loss_mask": [cols["loss_mask"][i] for i, _, _ in record],
+                **{k: cols[k][order].astype(np.int64) for k in ("unit_id", "track_id", "member")},
+                "minibatch": [minibatch_of[i] for i in order.tolist()],
+                "forwarded": ~skip[order],
+                "segment_len": cols["segment_len"][order].astype(np.int64),
+                "response_len": cols["response_len"][order].astype(np.int64),
+                "reward": cols["reward"][order],
+                "advantage": adv[order].astype(np.float64),
+                "loss_mask": cols["loss_mask"].take(order).to_arrow(),
                 "agg_weight": pa.array([w for _, w, _ in record], pa.list_(pa.float64())),
                 "grad_weight": pa.array([g for _, _, g in record], pa.list_(pa.float64())),
             }
@@ -563,7 +655,7 @@ def run(inputs: dict[str, Path], out_dir: Path, cfg: Config, ctx) -> dict:
         "clipfrac_low": mean("clipfrac_low"),
         "clipfrac_high": mean("clipfrac_high"),
         "approx_kl": mean("approx_kl"),
-        "skipped_members": int(np.sum(cols.get("skip", [False] * n))),
+        "skipped_members": int(skip.sum()),
         "len_correct": float(lens[correct].mean()) if correct.any() else None,
         "len_incorrect": float(lens[~correct].mean()) if (~correct).any() else None,
         **diagnostics(cols, adv, record, correct),
