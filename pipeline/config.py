@@ -511,6 +511,15 @@ def validate(cfg: Config) -> Config:
             "generate.workers > 1 or update.workers > 1 runs workers on Ray: set "
             "cluster.ray_address (local, auto or an address)",
         ),
+        (
+            not (
+                cfg.update.sharding == "fsdp" and cfg.update.lora_r > 0 and cfg.cluster.ray_address
+            ),
+            "update.sharding=fsdp with update.lora_r > 0 is not supported (FSDP2 would shard "
+            "the PEFT-wrapped model, whose merge and save need the whole weights): use "
+            "update.sharding=ddp with LoRA (the replicas hold a frozen base and a small "
+            "adapter), or lora_r=0 with fsdp",
+        ),
         (len(cfg.score.reward_funcs) >= 1, "score.reward_funcs must name at least one function"),
     ]
     for ok, msg in checks:

@@ -139,25 +139,45 @@ def check_paths(pool: list[dict], paths: list[str], what: str) -> None:
 
 
 def gather(pool: list[dict], refs: list, what: str) -> list:
-    """ray.get of one call per worker; a dead worker is a ClusterError naming it."""
+    """The results of one call per worker, in pool order; a dead worker is a ClusterError
+    naming it. Results are taken as they come (`ray.wait`), not in order: when a rank of a
+    process group dies, the others fail in their next collective, and the error to show
+    is the death, not the collective's."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    out = []
-    for w, ref in zip(pool, refs):
+    def died(w, e) -> ClusterError:
+        close_pools()  # the pool is broken: the next run starts fresh workers
+        return ClusterError(
+            f"{what} worker {w['where']['rank']} on {describe(w['where'])} died "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Nothing of this stage "
+            "was written; run again to resume from the cache."
+        )
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    out: list = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        (ref,), pending = ray.wait(pending, num_returns=1)
+        w = pool[index[ref]]
         try:
-            out.append(ray.get(ref))
+            out[index[ref]] = ray.get(ref)
         except RayActorError as e:
-            close_pools()  # the pool is broken: the next run starts fresh workers
-            raise ClusterError(
-                f"{what} worker {w['where']['rank']} on {describe(w['where'])} died "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Nothing of this stage "
-                "was written; run again to resume from the cache."
-            ) from None
+            raise died(w, e) from None
         except RayTaskError as e:
-            # The stage's own error (a bad prompt, out of memory): re-raise it as itself.
-            cause = e.as_instanceof_cause()
-            raise cause from None
+            # The stage's own error (a bad prompt, out of memory), unless a peer died and
+            # took the collective down: give the others a moment to say so.
+            ready, stuck = ray.wait(pending, num_returns=len(pending), timeout=15)
+            for other in ready:
+                try:
+                    ray.get(other)
+                except RayActorError as dead:
+                    raise died(pool[index[other]], dead) from None
+                except RayTaskError:
+                    pass
+            if stuck:  # peers waiting in a collective for the one that failed
+                close_pools()
+            raise e.as_instanceof_cause() from None
     return out
 
 

@@ -43,6 +43,7 @@ def test_defaults_and_overrides(tmp_path):
         ("generate.group_size=two", "expected int, got 'two'"),
         ("generate=3", "'generate' is a section"),
         ("generate.rounds", "expects KEY=VALUE"),
+        ("update.workers=2", "set cluster.ray_address"),
     ],
 )
 def test_bad_overrides_list_valid_choices(override, expected):
@@ -104,3 +105,10 @@ def test_config_imports_neither_torch_nor_the_stages():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_fsdp_with_lora_is_refused_before_any_stage():
+    sets = ["cluster.ray_address=local", "update.workers=2", "update.lora_r=8"]
+    with pytest.raises(ConfigError, match="use update.sharding=ddp with LoRA"):
+        config.load(None, [*sets, "update.sharding=fsdp"])
+    assert config.load(None, [*sets, "update.sharding=ddp"]).update.lora_r == 8

@@ -252,6 +252,37 @@ def test_two_ranks_take_the_step_of_one_process(
     assert_params_close(a, b)
 
 
+def test_an_update_rank_killed_mid_stage_is_a_clear_error_and_the_rerun_works(
+    tmp_path, policy_dir, dp_units, ray_local
+):
+    """Rank 1 SIGKILLed while the ranks train: the error names it (not rank 0's broken
+    collective), nothing is written, and the next call starts fresh ranks and succeeds."""
+    from stages import distributed  # noqa: F401  (the rank pool's module)
+
+    dp = [ray_local, "update.workers=2", "update.sharding=ddp", "update.epochs=20"]
+    update_once(tmp_path, "warm", dp_units, policy_dir, policy_dir, *dp[:3])  # pool up
+    pool = next(p for k, p in workers._POOLS.items() if k[0] == "update")
+    started = threading.Event()
+
+    def killer():
+        started.wait(60)
+        time.sleep(1.0)  # model loaded, training under way (20 epochs take ~10 s here)
+        os.kill(pool[1]["where"]["pid"], signal.SIGKILL)
+
+    threading.Thread(target=killer, daemon=True).start()
+    started.set()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as e:
+        update_once(tmp_path, "killed", dp_units, policy_dir, policy_dir, *dp)
+    msg = str(e.value)
+    assert "update worker 1 on" in msg and "pid" in msg and "died" in msg, msg
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "killed" / "model").exists()
+    assert not [k for k in workers._POOLS if k[0] == "update"], "the broken pool is dropped"
+    again, res = update_once(tmp_path, "again", dp_units, policy_dir, policy_dir, *dp[:3])
+    assert res["metrics"]["workers"] == 2 and (again / "model.safetensors").is_file()
+
+
 @pytest.mark.flow
 def test_a_run_on_ray_with_two_rollout_workers_and_two_ranks(prefect_server, tmp_path):
     """`eqlen run` as a user runs it: a local Ray instance, 2 rollout workers and 2 update
