@@ -43,14 +43,21 @@ KINDS = {
 }
 
 
+def metrics(run_dir: Path, entry: dict) -> dict:
+    """A stage's metrics, from the manifest of the dataset its run.json entry points to."""
+    p = run_dir / entry["path"]
+    for folder in (p, p.parent):
+        if (folder / "manifest.json").is_file():
+            return json.loads((folder / "manifest.json").read_text()).get("metrics", {})
+    return {}
+
+
 def run_kind(run_dir: Path, iterations: int, sets: list[str]) -> dict:
     """One fresh run of `iterations`; wall time and per-iteration stage seconds."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--plain", str(run_dir)]
-    cmd += (
-        ["--iterations", str(iterations), "--set", *sets]
-        if sets
-        else ["--iterations", str(iterations)]
-    )
+    cmd += ["--iterations", str(iterations)]
+    for kv in sets:
+        cmd += ["--set", kv]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -62,13 +69,10 @@ def run_kind(run_dir: Path, iterations: int, sets: list[str]) -> dict:
         for it in record["iterations"]
         if all(s in it["stages"] for s in STAGES)
     ]
-    gen = [it["stages"]["generate"].get("metrics", {}) for it in record["iterations"]]
+    gen = [metrics(run_dir, it["stages"]["generate"]) for it in record["iterations"]]
     return {
         "wall": wall,
         "iterations": its,
-        "rewards": [
-            it["stages"]["score"].get("metrics", {}).get("reward") for it in record["iterations"]
-        ],
         "workers": gen[0].get("workers", 1) if gen else None,
         "engine_loads": sum(int(g.get("engine_started", 0) or 0) for g in gen),
     }

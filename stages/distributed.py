@@ -111,18 +111,27 @@ def _trainable_names(model) -> list[str]:
 
 
 def load_optimizer(model, opt, path: Path, ranks: Ranks, device) -> None:
-    """Load `optimizer.pt` (the one-process format) into a sharded optimizer."""
+    """Load `optimizer.pt` (the one-process format) into a sharded optimizer. Only rank 0
+    reads the file; each tensor is broadcast and every rank keeps its shard
+    (`broadcast_from_rank0`), so a node's host memory holds one full copy, not one per
+    rank (a 7B model's AdamW state is about 61 GB)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    saved = torch.load(path, map_location="cpu")
-    names = _trainable_names(model)
-    state = {names[i]: v for i, v in saved["state"].items()}
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]
+    full = {}
+    if ranks.rank == 0:
+        saved = torch.load(path, map_location="cpu")
+        names = _trainable_names(model)
+        full = {
+            "state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]
+            ],
+        }
     set_optimizer_state_dict(
         model,
         opt,
-        {"state": state, "param_groups": groups},
-        options=StateDictOptions(full_state_dict=True),
+        full,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )
 
 
