@@ -23,7 +23,6 @@ update turned every column into Python lists (`to_pylist`); `--lists` times that
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from eqlen_testing.synthetic import synthetic_scored
+from eqlen_testing.timing import timed
 from flows import report
 from flows.runner import Context
 from pipeline import config
@@ -65,15 +65,6 @@ def lists_path(units_dir: Path) -> int:
     t = pq.read_table(units_dir / "units.parquet", columns=list(update.UNIT_COLUMNS))
     cols = {c: t.column(c).to_pylist() for c in update.UNIT_COLUMNS}
     return len(cols["unit_id"])
-
-
-def timed(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def make_units(tmp: Path, rows: int, strategy: str, rounds: int, seed: int = 0) -> Path:

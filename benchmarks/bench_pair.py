@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
 from importlib.metadata import version
@@ -39,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from eqlen_testing.synthetic import EOS, synthetic_scored  # noqa: F401  (EOS: re-exported)
+from eqlen_testing.timing import timed
 from flows import report
 from flows.runner import Context
 from pipeline import config
@@ -66,15 +66,6 @@ def check_sample(
         sample = units.filter(pc.is_in(units.column("track_id"), rows.column("track_id")))
         check_units(rollouts, sample.to_pylist(), strategy=strategy)
     return len(rollouts)
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def machine() -> str:
