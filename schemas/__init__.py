@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -285,6 +286,18 @@ def validate(table: pa.Table, schema: Schema, path: str | Path | None = None) ->
         if not col.nullable and arr.null_count:
             row = pc.index(pc.is_null(arr), True).as_py()
             _fail(path, col.name, row, "is null", "Every row needs a value in this column.")
+        if (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) and (
+            flat := pc.list_flatten(arr)
+        ).null_count:
+            k = pc.index(pc.is_null(flat), True).as_py()
+            ends = np.cumsum(pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False))
+            _fail(
+                path,
+                col.name,
+                int(np.searchsorted(ends, k, side="right")),
+                "holds a null inside its list",
+                "Every value of the list needs to be set; regenerate the row.",
+            )
         if pa.types.is_floating(col.type) and arr.null_count < len(arr):
             nan = pc.is_nan(arr.cast(F64))
             if pc.any(nan).as_py():

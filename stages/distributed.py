@@ -262,7 +262,7 @@ def train_on_ranks(inputs: dict[str, Path], out_dir: Path, cfg, ctx) -> dict:
         )
         for w in pool
     ]
-    results = workers.gather(pool, refs, "update")
+    results = workers.gather(pool, refs, "update", collective=True)
     for msg in results[0][1]:
         ctx.log(msg)
     res = results[0][0]

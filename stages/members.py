@@ -32,12 +32,20 @@ class Ragged:
 
     @classmethod
     def from_arrow(cls, arr: pa.ChunkedArray | pa.Array) -> Ragged:
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-        # A sliced array's offsets do not start at 0; flatten() honours the slice.
-        offsets = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-        values = arr.flatten().to_numpy(zero_copy_only=False)
-        return cls(values, offsets - offsets[0])
+        # Chunk by chunk with int64 offsets: combine_chunks would overflow a list column's
+        # int32 offsets past 2^31 values (a million members of 2k-token contexts).
+        chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+        offsets, values, base = [], [], 0
+        for c in chunks:
+            # A sliced array's offsets do not start at 0; flatten() honours the slice.
+            o = c.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            offsets.append(o[:-1] - o[0] + base)
+            base += int(o[-1] - o[0])
+            values.append(c.flatten().to_numpy(zero_copy_only=False))
+        if not values:
+            values = [np.zeros(0, dtype=arr.type.value_type.to_pandas_dtype())]
+        flat = values[0] if len(values) == 1 else np.concatenate(values)
+        return cls(flat, np.concatenate([*offsets, [base]]))
 
     @classmethod
     def from_lists(cls, rows: Sequence[Sequence], dtype=None) -> Ragged:
@@ -50,6 +58,7 @@ class Ragged:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
+        i = range(len(self))[i]  # negative indices count from the end; out of range raises
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     def __iter__(self):
@@ -90,8 +99,11 @@ class Ragged:
         out, _ = gather_pad([self], rows, value, numpy_dtype(dtype), width)
         return torch.from_numpy(out)
 
-    def to_arrow(self, type: pa.DataType | None = None) -> pa.ListArray:
-        return pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), self.values, type=type)
+    def to_arrow(self) -> pa.Array:
+        """A list array (a large_list one past 2^31 values)."""
+        if self.offsets[-1] < 2**31:
+            return pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), self.values)
+        return pa.LargeListArray.from_arrays(pa.array(self.offsets, pa.int64()), self.values)
 
     def tolist(self) -> list[list]:
         return [self[i].tolist() for i in range(len(self))]
@@ -112,7 +124,11 @@ def gather_pad(
     rows = np.asarray(rows, dtype=np.int64)
     lens = [p.offsets[rows + 1] - p.offsets[rows] for p in parts]
     total = np.sum(lens, axis=0) if lens else np.zeros(len(rows), np.int64)
-    width = int(total.max(initial=0)) if width is None else width
+    longest = int(total.max(initial=0))
+    if width is None:
+        width = longest
+    elif longest > width:
+        raise ValueError(f"gather_pad: a row of {longest} values does not fit width {width}")
     out = np.full((len(rows), width), value, dtype=dtype)
     flat = out.reshape(-1)
     at = np.arange(len(rows), dtype=np.int64) * width  # where each row's next part goes

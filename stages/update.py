@@ -266,7 +266,9 @@ def minibatch_plan(
         alpha=u.delta_l_alpha,
     )
     skip = cols.get("skip")
-    forwarded = np.arange(len(mb)) if skip is None else np.flatnonzero(~np.asarray(skip)[mb])
+    forwarded = (
+        np.arange(len(mb)) if skip is None else np.flatnonzero(~np.asarray(skip, dtype=bool)[mb])
+    )
     active = forwarded[rank::world]
     count = math.ceil(len(active) / u.micro_batch_size)
     if even:

@@ -138,20 +138,22 @@ def check_paths(pool: list[dict], paths: list[str], what: str) -> None:
             )
 
 
-def gather(pool: list[dict], refs: list, what: str) -> list:
+def gather(pool: list[dict], refs: list, what: str, *, collective: bool = False) -> list:
     """The results of one call per worker, in pool order; a dead worker is a ClusterError
-    naming it. Results are taken as they come (`ray.wait`), not in order: when a rank of a
-    process group dies, the others fail in their next collective, and the error to show
-    is the death, not the collective's."""
+    naming it. Results are taken as they come (`ray.wait`), not in order. `collective`
+    (ranks of one process group): when a rank dies the others fail in their next
+    collective, and the error to show is the death, not the collective's; when a rank
+    fails on its own, its peers wait in a collective for it, so the pool is dropped."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayError, RayTaskError
 
     def died(w, e) -> ClusterError:
         close_pools()  # the pool is broken: the next run starts fresh workers
+        first = (str(e).splitlines() or [""])[0][:200]
         return ClusterError(
             f"{what} worker {w['where']['rank']} on {describe(w['where'])} died "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Nothing of this stage "
-            "was written; run again to resume from the cache."
+            f"({type(e).__name__}: {first}). Nothing of this stage was written; run again "
+            "to resume from the cache."
         )
 
     index = {ref: i for i, ref in enumerate(refs)}
@@ -162,22 +164,23 @@ def gather(pool: list[dict], refs: list, what: str) -> list:
         w = pool[index[ref]]
         try:
             out[index[ref]] = ray.get(ref)
-        except RayActorError as e:
-            raise died(w, e) from None
         except RayTaskError as e:
             # The stage's own error (a bad prompt, out of memory), unless a peer died and
             # took the collective down: give the others a moment to say so.
-            ready, stuck = ray.wait(pending, num_returns=len(pending), timeout=15)
-            for other in ready:
-                try:
-                    ray.get(other)
-                except RayActorError as dead:
-                    raise died(pool[index[other]], dead) from None
-                except RayTaskError:
-                    pass
-            if stuck:  # peers waiting in a collective for the one that failed
-                close_pools()
+            if collective and pending:
+                ready, stuck = ray.wait(pending, num_returns=len(pending), timeout=15)
+                for other in ready:
+                    try:
+                        ray.get(other)
+                    except RayActorError as dead:
+                        raise died(pool[index[other]], dead) from None
+                    except RayError:
+                        pass
+                if stuck:  # peers waiting in a collective for the one that failed
+                    close_pools()
             raise e.as_instanceof_cause() from None
+        except RayError as e:  # the actor, its node or its result is gone
+            raise died(w, e) from None
     return out
 
 

@@ -185,3 +185,24 @@ def test_bench_data_command_prints_ratios():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| plain pq.read_table | " in out.stdout and "x plain Parquet read" in out.stdout
+
+
+def test_awkward_inputs_fail_loudly_or_work():
+    r = Ragged.from_lists([[1, 2, 3], [4]], dtype=np.int64)
+    with pytest.raises(ValueError, match="does not fit width 2"):
+        gather_pad([r], [0, 1], 0, np.int64, width=2)
+    assert r[-1].tolist() == [4]
+    with pytest.raises(IndexError):
+        r[2]
+    empty = Ragged.from_arrow(pa.chunked_array([], pa.list_(pa.int32())))
+    assert len(empty) == 0 and empty.values.dtype == np.int32
+
+
+def test_a_null_inside_a_list_column_is_named(tmp_path):
+    import schemas
+
+    col = schemas.UNITS.column("old_logprobs")
+    table = pa.table({"old_logprobs": pa.array([[-1.0], [-0.5, None]], col.type)})
+    one = schemas.Schema("one", (col,), "test")
+    with pytest.raises(schemas.SchemaError, match=r"f.parquet, column 'old_logprobs', row 1"):
+        schemas.validate(table, one, tmp_path / "f.parquet")
