@@ -253,33 +253,34 @@ def test_two_ranks_take_the_step_of_one_process(
 
 
 def test_an_update_rank_killed_mid_stage_is_a_clear_error_and_the_rerun_works(
-    tmp_path, policy_dir, dp_units, ray_local
+    tmp_path, policy_dir, dp_units, ray_local, monkeypatch
 ):
     """Rank 1 SIGKILLed while the ranks train: the error names it (not rank 0's broken
     collective), nothing is written, and the next call starts fresh ranks and succeeds."""
-    from stages import distributed  # noqa: F401  (the rank pool's module)
+    dp = [ray_local, "update.workers=2", "update.sharding=ddp"]
+    in_use: list = []
+    check_paths = workers.check_paths
 
-    dp = [ray_local, "update.workers=2", "update.sharding=ddp", "update.epochs=20"]
-    update_once(tmp_path, "warm", dp_units, policy_dir, policy_dir, *dp[:3])  # pool up
-    pool = next(p for k, p in workers._POOLS.items() if k[0] == "update")
-    started = threading.Event()
+    def spy(pool, paths, what):  # called by the update with the very pool it then uses
+        check_paths(pool, paths, what)
+        if what == "update" and not in_use:
+            in_use.append(pool)
+            threading.Thread(target=killer, daemon=True).start()
 
     def killer():
-        started.wait(60)
-        time.sleep(1.0)  # model loaded, training under way (20 epochs take ~10 s here)
-        os.kill(pool[1]["where"]["pid"], signal.SIGKILL)
+        time.sleep(1.0)  # the ranks load the model and train (20 epochs: ~10 s here)
+        os.kill(in_use[0][1]["where"]["pid"], signal.SIGKILL)
 
-    threading.Thread(target=killer, daemon=True).start()
-    started.set()
+    monkeypatch.setattr(workers, "check_paths", spy)
     t0 = time.monotonic()
     with pytest.raises(ClusterError) as e:
-        update_once(tmp_path, "killed", dp_units, policy_dir, policy_dir, *dp)
+        update_once(tmp_path, "killed", dp_units, policy_dir, policy_dir, *dp, "update.epochs=20")
     msg = str(e.value)
     assert "update worker 1 on" in msg and "pid" in msg and "died" in msg, msg
     assert time.monotonic() - t0 < 120
     assert not (tmp_path / "killed" / "model").exists()
     assert not [k for k in workers._POOLS if k[0] == "update"], "the broken pool is dropped"
-    again, res = update_once(tmp_path, "again", dp_units, policy_dir, policy_dir, *dp[:3])
+    again, res = update_once(tmp_path, "again", dp_units, policy_dir, policy_dir, *dp)
     assert res["metrics"]["workers"] == 2 and (again / "model.safetensors").is_file()
 
 
