@@ -13,7 +13,7 @@ eqlen eval  MODEL_OR_RUN_DIR [--data FILE] [--k K] [--max-prompts N] [--temperat
             [--force] [--json]
 eqlen export RUN_DIR OUT [--iteration I] [--force]
 eqlen example chat OUT   (a tiny chat model, word problems and a config, offline)
-eqlen experiment [--out DIR] [--methods a,b] [--seeds 0,1,2] [--set KEY=VALUE ...]
+eqlen experiment [--task demo|pad] [--out DIR] [--methods a,b] [--seeds 0,1,2,3,4] [--set ...]
 eqlen config            (every config key with its type, default and meaning)
 eqlen datasets [CACHE_DIR] [--json]      (every stage output in a cache, the runs using it)
 eqlen gc [CACHE_DIR] [--keep-last N] [--min-age-hours H] [--dry-run]
@@ -391,14 +391,22 @@ def cmd_example(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from flows.experiment import METHODS, run_experiment
+    from flows.experiment import DEFAULT_METHODS, run_experiment
     from flows.runner import load_stages
 
     load_stages()
     _runtime()
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
     seeds = [int(x) for x in args.seeds.split(",")]
-    run_experiment(args.out, methods=methods, seeds=seeds, base=args.set, config_file=args.config)
+    out = args.out or f"runs/experiment-{args.task}"
+    run_experiment(
+        out,
+        methods=methods,
+        seeds=seeds,
+        base=args.set,
+        config_file=args.config,
+        task=args.task,
+    )
     return 0
 
 
@@ -503,9 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     xa.set_defaults(fn=cmd_example)
 
     e = sub.add_parser("experiment", help="baselines and EqLen on the same task, seeds, budget")
-    e.add_argument("--out", default="runs/experiment", help="output folder (results.md, runs/)")
-    e.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    e.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    e.add_argument(
+        "--task",
+        default="demo",
+        choices=["demo", "pad"],
+        help="built-in task whose settings the runs start from (default demo)",
+    )
+    e.add_argument("--out", help="output folder (results.md, runs/); default runs/experiment-TASK")
+    e.add_argument(
+        "--methods",
+        help="comma-separated subset of the methods (default: all but the signal variants "
+        "eqlen_grpo_g16, eqlen_grpo_r8, eqlen_grpo_t13)",
+    )
+    e.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0-4)")
     e.add_argument("--config", help="YAML base config")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.set_defaults(fn=cmd_experiment)

@@ -246,7 +246,12 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
         "generate.max_new_tokens=8",
         "iterations=2",
     ]
-    res = run_experiment(tmp_path, methods=["grpo", "dapo", "eqlen_rloo"], seeds=[0, 1], base=base)
+    res = run_experiment(
+        tmp_path,
+        methods=["grpo", "dapo", "eqlen_rloo"],
+        seeds=[0, 1],
+        base=[*base, "eval.every=1", "eval.k=2", "eval.max_prompts=8"],
+    )
     assert [(r["method"], r["seed"]) for r in res] == [
         (m, s) for m in ("grpo", "dapo", "eqlen_rloo") for s in (0, 1)
     ]
@@ -256,11 +261,24 @@ def test_experiment_shares_rollouts_and_writes_results(policy_dir, tmp_path):
     for stage in ("generate", "score", "pair"):
         assert d[stage]["key"] == g[stage]["key"] and d[stage]["cached"]
     assert d["update"]["key"] != g["update"]["key"]
-    assert [r["cached"] for r in res[:4]] == [0, 0, 3, 3]  # dapo reuses grpo's iteration 0
+    # dapo reuses grpo's iteration 0 (generate, score, pair, and the eval of the initial policy)
+    assert [r["cached"] for r in res[:4]] == [0, 0, 4, 4]
     text = (tmp_path / "results.md").read_text()
     for m in ("grpo", "dapo", "eqlen_rloo"):
         assert f"| {m} |" in text
-    assert "| gap first | gap mean after | gap last |" in text
+    assert "| gap mean after | gap last | signal fraction |" in text
+    assert "eqlen_rloo vs rloo" not in text  # no rloo run, no test
+    assert all(r["tokens"] > 0 and r["compute_s"] > 0 for r in res)
+    # dapo is charged the compute of the iteration 0 it took from grpo's cache.
+    assert res[2]["compute_s"] > 0.5 * res[0]["compute_s"]
+    assert 0 <= res[0]["signal"] <= 1 and len(res[0]["signal_curve"]) == 2
+    # The held-out split: the demo's generator with another seed, no training prompt in it.
+    held = pq.read_table(tmp_path / "heldout-demo.parquet").column("prompt").to_pylist()
+    from pipeline import prompts as prompts_mod
+
+    train = prompts_mod.load_table(config.load(None, base)).column("prompt").to_pylist()
+    assert held and not set(held) & set(train)
+    assert res[0]["heldout"] == res[0]["heldout"]  # evaluated (not NaN)
     from flows.report import show_data
 
     score0 = show_data(tmp_path / "runs" / "grpo-s0")["iterations"][0]["stages"]["score"]
