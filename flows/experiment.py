@@ -342,13 +342,14 @@ def write_report(
         ),
         (axes[1, 2], None, "signal_curve", "iteration", "fraction of units with signal"),
     ]
-    for m, rs in by.items():
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # 10 would repeat across 14+ methods
+    for i, (m, rs) in enumerate(by.items()):
         style = "-" if m.startswith("eqlen") or m == "truncate" else "--"
         for ax, xkey, ykey, _, _ in plots:
             ys = np.array([[_num(v) for v in r[ykey]] for r in rs], dtype=float)
             y = np.nanmean(ys, axis=0)
             x = np.mean([r[xkey] for r in rs], axis=0) if xkey else np.arange(len(y))
-            ax.plot(x, y, style, label=m, lw=1.3)
+            ax.plot(x, y, style, label=m, lw=1.3, color=colors[i % 20])
     for ax, _, _, xlabel, ylabel in plots:
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
