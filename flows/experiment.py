@@ -69,11 +69,15 @@ BASELINE.update({m: "grpo" for m in EXTRA})
 # Built-in tasks: their base overrides and how many held-out prompts to evaluate.
 TASKS: dict[str, list[str]] = {
     "demo": ["eval.every=5", "eval.k=4", "eval.max_prompts=128"],
+    # docs/tasks.md: the settings under which GRPO lengthens the padding of wrong answers.
     "pad": [
         "data.prompts=pad",
         "model=pad",
         "iterations=25",
-        "eval.every=5",
+        "data.prompts_per_iteration=128",
+        "generate.max_new_tokens=64",
+        "update.lr=2e-4",
+        "eval.every=25",  # the initial and the final policy
         "eval.k=4",
         "eval.max_prompts=128",
     ],

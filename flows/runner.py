@@ -370,7 +370,7 @@ class RunRecord:
         # and model (a run inside RUN/cache needs no cache_dir and stays relocatable).
         if cfg.cache_dir:
             recorded["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
-        if cfg.model != "demo":
+        if cfg.model not in ("demo", "pad"):  # the shipped models are names, not paths
             recorded["model"] = str(Path(cfg.model).expanduser().resolve())
         with cache.locked(self.path):
             data = self.load()
@@ -753,11 +753,15 @@ def latest_policy(run_dir: str | Path) -> tuple[Ref, int]:
 
 
 def policy_input(cfg: Config) -> Ref:
-    """The initial policy: the shipped demo model or a local model folder."""
+    """The initial policy: a shipped model (`demo`, `pad`) or a local model folder."""
     if cfg.model == "demo":
         from pipeline.demo import demo_model_dir
 
         return Ref.of(demo_model_dir())
+    if cfg.model == "pad":
+        from pipeline.pad_task import pad_model_dir
+
+        return Ref.of(pad_model_dir())
     from pipeline.models import check_folder, resolve_model
 
     p = resolve_model(cfg.model, cfg.model_trust_remote_code)  # a hub id: its snapshot

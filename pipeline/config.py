@@ -58,8 +58,9 @@ def _f(
 class DataConfig:
     prompts: str = _f(
         "demo",
-        "Prompt dataset: `demo` (built-in reverse-the-digits task), or a "
-        "path to a .parquet/.jsonl/.json file or folder of Parquet files.",
+        "Prompt dataset: `demo` (built-in reverse-the-digits task), `pad` (built-in "
+        "task whose wrong answers can grow: docs/tasks.md), or a path to a "
+        ".parquet/.jsonl/.json file or folder of Parquet files.",
     )
     prompt_column: str = _f("prompt", "Column holding the prompt text.")
     id_column: str = _f(
@@ -73,7 +74,7 @@ class DataConfig:
     max_prompt_tokens: int = _f(
         64, "Longest prompt accepted, in tokens; longer prompts are an error naming the row."
     )
-    demo_size: int = _f(4096, "Number of prompts of the built-in demo task.")
+    demo_size: int = _f(4096, "Number of prompts of the built-in tasks (`demo`, `pad`).")
     system_prompt: str = _f(
         "", "System message put before every conversational prompt (empty = none)."
     )
@@ -338,7 +339,8 @@ class Config:
     iterations: int = _f(10, "Online iterations of generate -> score -> pair -> update.")
     model: str = _f(
         "demo",
-        "Initial policy: `demo` (the shipped tiny model), a local Hugging Face model folder, "
+        "Initial policy: `demo` (the shipped tiny model), `pad` (the `pad` task's), a "
+        "local Hugging Face model folder, "
         "or a hub id found in the local Hugging Face cache.",
     )
     model_trust_remote_code: bool = _f(

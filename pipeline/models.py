@@ -56,6 +56,8 @@ POSITION_KEYS = (
 # The shipped demo checkpoint (built by `python -m pipeline.demo build`): a path that needs
 # no transformers import to compute.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_assets" / "model"
+# The shipped model of the `pad` task (built by `python -m pipeline.pad_task --build`).
+PAD_MODEL_DIR = Path(__file__).resolve().parent / "pad_assets" / "model"
 
 
 class ModelError(EqLenError, ValueError):
@@ -80,6 +82,8 @@ def resolve_model(name: str, trust_remote_code: bool = False, what: str = "model
     local Hugging Face cache unless HF_HUB_OFFLINE=1, when it must be there already)."""
     if name == "demo":
         return DEMO_MODEL_DIR
+    if name == "pad":
+        return PAD_MODEL_DIR
     if not is_hub_id(name):
         return Path(name).expanduser()
     from huggingface_hub import constants, snapshot_download

@@ -266,6 +266,8 @@ def source_digest(cfg: Config):
     d = cfg.data
     if d.prompts == "demo":
         return {"demo": d.demo_size, "seed": cfg.seed}
+    if d.prompts == "pad":  # the second built-in task (pipeline/pad_task.py)
+        return {"pad": d.demo_size, "seed": cfg.seed}
     if is_dataset_id(d.prompts):
         # The hub's files are not at hand before loading: key by the content of the table
         # `datasets` serves (its cache makes a second load cheap).
@@ -308,9 +310,13 @@ def load_table(cfg: Config, digest=None) -> pa.Table:
         from pipeline.demo import make_demo_prompts
 
         table = make_demo_prompts(d.demo_size, seed=cfg.seed)
+    elif d.prompts == "pad":
+        from pipeline.pad_task import make_pad_prompts
+
+        table = make_pad_prompts(d.demo_size, seed=cfg.seed)
     else:
         table = read_source(d.prompts, d.split, d.subset)
-    where = "the demo" if d.prompts == "demo" else d.prompts
+    where = {"demo": "the demo", "pad": "the pad task"}.get(d.prompts, d.prompts)
     if d.prompt_column not in table.column_names:
         _fail(
             f"file {where}: no column '{d.prompt_column}' (data.prompt_column); columns: "

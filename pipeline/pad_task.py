@@ -1,0 +1,436 @@
+"""The second built-in task, "pad": reverse the digits, where wrong answers can grow.
+
+The demo task (:mod:`pipeline.demo`) has wrong answers at most 4 digits longer
+than right ones, so GRPO's length bias there only makes long wrong answers be
+unlearned more slowly; they cannot grow. This task is built so that they can.
+
+The prompt ``"pad 4821="`` has the single correct response ``"1284"`` + EOS
+(1 to 6 digits from 1-9, so correct responses are 2 to 7 tokens) and is graded
+by the pipeline's default reward, ``exact_match``. The warm-started policy has
+one extra bad habit: after a *wrong* answer it often *pads* -- it goes on with
+filler digits instead of EOS, a run of geometrically distributed length
+(stop probability :data:`FILLER_STOP` per token, mean ~15, at most
+:data:`MAX_FILLER` in the warm start). Nothing bounds that run but
+``generate.max_new_tokens`` (64 for this task).
+
+Why plain GRPO (``update.loss_agg=seq_mean_token_mean``) keeps and lengthens
+the padding while Dr. GRPO (``seq_mean_token_sum_norm``) does not: GRPO gives
+every token of response ``o`` the weight ``A / |o|``. A padded response is
+wrong (``A < 0``), and in each filler state the model chooses between another
+filler digit and EOS. Responses that stopped there are shorter than those that
+went on, so their EOS is pushed down by ``|A| / |o_short|`` while the
+continuations are pushed down only by ``|A| / |o_long|``: the stop probability
+falls and the padding gets *longer* the more it is penalised. The same holds
+one step earlier, between a short wrong answer (EOS right after the digits) and
+a padded one. With a constant normaliser (Dr. GRPO) both choices get the same
+per-token weight, the expected gradient on the go-on-or-stop choice is zero,
+and a padded response carries more negative weight in all (one share per
+token), so the padding is unlearned. The score metrics ``mean_len_incorrect``
+(raw) and ``len_gap`` (incorrect minus correct, within a prompt) show it;
+docs/tasks.md has the measured runs. Measured, not only argued: under GRPO the
+padding of the padded wrong answers grows (~14 -> ~20 filler digits in 25
+iterations, 3 seeds) and ``len_gap`` rises, while the *share* of wrong answers
+that are padded still falls, so the raw ``mean_len_incorrect`` stays about
+level under GRPO and falls under Dr. GRPO.
+
+The warm start (:func:`sft_target`): plain cross-entropy on targets that are
+right with probability ``1 - error_rate`` (0.5 wrong) and otherwise a digit
+error of :data:`ERROR_MODES` (``swap``: one digit replaced, ``drop``: one left
+out), followed with probability :data:`PAD_RATE` by :func:`filler`. Sampling
+at temperature 1 it is right ~22% of the time (it also learned to pad, or to
+err, where the targets did not) and ~28% of its responses are padded.
+
+Designs tried and left out (seed 0, 25 iterations, same settings):
+
+* filler *symbols* (``~ _ *``) after a wrong answer: the padding grew under
+  GRPO (8 -> 14-17 tokens) but was unlearned as a whole (padded share of wrong
+  answers 0.43 -> 0.16). (Symbols after a *right* answer, the first try, were
+  simply unlearned: RL only had to learn EOS.) A token that only ever occurs in wrong responses gets
+  a gradient of one sign in every update; Adam, normalising per parameter,
+  moves it at full speed whatever the aggregation. Hence filler *digits*,
+  which every right answer also uses, so the weighting decides;
+* padding after every wrong answer (``PAD_RATE = 1``): the model cannot tell
+  a swapped digit from a right one, so it learned to pad right answers too,
+  and RL removed padding under both aggregations;
+* filler after the answer rather than before it (a scratchpad): a 2-layer
+  model learns the reversal at fixed offsets from ``=``; filler in front would
+  shift them and need a far longer warm start, and the length mechanism only
+  needs a go-on-or-stop choice inside the wrong response.
+
+Conventions as in :mod:`pipeline.demo`: no special tokens are added when
+encoding, every digit is one token, a response is the generated ids up to and
+including the first EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from pipeline.demo import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, _positions
+
+# Prompt (<= 10 tokens) + 64 new tokens must fit, with room to spare for longer budgets.
+MAX_POSITIONS = 96
+MIN_DIGITS, MAX_DIGITS = 1, 6
+DEFAULT_ERROR_RATE = 0.5
+# The filler: random digits (one token each). Digits, not a symbol of its own: a token that
+# only ever occurs in wrong responses gets a negative gradient of one sign in every update,
+# which Adam (normalising per parameter) turns into a full-lr step whatever the loss
+# aggregation, and the length bias would have nothing to act on. Digits also make up every
+# right answer, so their weights see both signs and the aggregation's weighting decides.
+FILLER = "123456789"
+# Per-token stop probability of the warm start's padding (geometric, mean ~15), and its
+# cap: the warm start never pads past MAX_FILLER, RL can (up to generate.max_new_tokens).
+FILLER_STOP = 0.06
+MAX_FILLER = 40
+# generate.max_new_tokens this task is meant for (also the shipped generation_config's).
+MAX_NEW_TOKENS = 64
+
+
+# --------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------
+
+
+def _draw_digits(rng: random.Random, min_digits: int = MIN_DIGITS, max_digits: int = MAX_DIGITS):
+    """Digits 1-9 only: no zero, so no reversal has a leading zero to argue about."""
+    n = rng.randint(min_digits, max_digits)
+    return "".join(str(rng.randint(1, 9)) for _ in range(n))
+
+
+def format_prompt(digits: str) -> str:
+    return f"pad {digits}="
+
+
+def make_pad_prompts(n: int, seed: int = 0) -> pa.Table:
+    """``n`` prompts (``prompt_id``, ``prompt``, ``answer``), deterministic given ``seed``."""
+    rng = random.Random(seed)
+    ids, prompts, answers = [], [], []
+    for i in range(n):
+        digits = _draw_digits(rng)
+        ids.append(f"pad-{i:06d}")
+        prompts.append(format_prompt(digits))
+        answers.append(digits[::-1])
+    schema = pa.schema(
+        [("prompt_id", pa.string()), ("prompt", pa.string()), ("answer", pa.string())]
+    )
+    return pa.table([ids, prompts, answers], schema=schema)
+
+
+def is_correct(response_text: str, answer: str, finished: bool = True) -> bool:
+    """Exact match, as the score stage's ``exact_match``; cut off before EOS is wrong."""
+    return finished and response_text.strip() == answer
+
+
+# --------------------------------------------------------------------------
+# Tokenizer and model
+# --------------------------------------------------------------------------
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE as the demo's (digits split individually, full byte alphabet), trained
+    on prompts and answers only, so the filler characters stay single-byte tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[PAD, EOS, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rng = random.Random(4321)  # fixed corpus -> identical vocab on every build
+    corpus = [format_prompt(_draw_digits(rng)) + _draw_digits(rng) for _ in range(2000)]
+    tok.train_from_iterator(corpus, trainer)
+    assert (tok.token_to_id(PAD), tok.token_to_id(EOS), tok.token_to_id(BOS)) == (
+        PAD_ID,
+        EOS_ID,
+        BOS_ID,
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        padding_side="left",
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def pad_model_dir() -> Path:
+    """The shipped warm-started checkpoint (model + tokenizer)."""
+    from pipeline.models import PAD_MODEL_DIR
+
+    return PAD_MODEL_DIR
+
+
+def _model_config(vocab_size: int) -> LlamaConfig:
+    # The demo's shape (head_dim 32 for vLLM), with positions for a 64-token budget.
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+
+
+# Digit errors of the warm-start targets and their relative weights; each is followed by
+# filler with probability PAD_RATE. Padding only ever follows a wrong answer: dropping it
+# cannot make a response right, so RL can only remove it as a side effect.
+ERROR_MODES = {"swap": 0.6, "drop": 0.4}
+PAD_RATE = 0.5
+
+
+def filler(rng: random.Random) -> str:
+    """1..MAX_FILLER filler tokens, stopping with probability FILLER_STOP after each: a
+    constant hazard, so the model learns one go-on-or-stop choice per filler state."""
+    n = 1
+    while n < MAX_FILLER and rng.random() >= FILLER_STOP:
+        n += 1
+    return "".join(rng.choice(FILLER) for _ in range(n))
+
+
+def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str, str]:
+    """The warm-start target for ``digits`` and its mode: ``"correct"``, or with probability
+    ``error_rate`` a digit error of :data:`ERROR_MODES` (``swap``: one digit replaced;
+    ``drop``: one digit left out, a swap for a single digit), then with probability
+    :data:`PAD_RATE` :func:`filler` (mode ``swap+pad`` / ``drop+pad``)."""
+    answer = digits[::-1]
+    if rng.random() >= error_rate:
+        return answer, "correct"
+    modes = list(ERROR_MODES)
+    mode = rng.choices(modes, weights=[ERROR_MODES[m] for m in modes])[0]
+    i = rng.randrange(len(answer))
+    if mode == "drop" and len(answer) >= 2:
+        wrong = answer[:i] + answer[i + 1 :]
+    else:
+        mode = "swap"
+        other = rng.choice([d for d in "123456789" if d != answer[i]])
+        wrong = answer[:i] + other + answer[i + 1 :]
+    if rng.random() < PAD_RATE:
+        return wrong + filler(rng), mode + "+pad"
+    return wrong, mode
+
+
+def _training_batch(tokenizer, rng: random.Random, batch_size: int, error_rate: float):
+    """Left-padded (prompt + target) sequences; the loss sees only the target and EOS."""
+    seqs, labels = [], []
+    for _ in range(batch_size):
+        digits = _draw_digits(rng)
+        target, _ = sft_target(digits, rng, error_rate)
+        p, r = encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, target)
+        seqs.append(p + r)
+        labels.append([-100] * len(p) + r)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((batch_size, width), PAD_ID, dtype=torch.long)
+    lab = torch.full((batch_size, width), -100, dtype=torch.long)
+    mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for i, (s, lbl) in enumerate(zip(seqs, labels)):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        lab[i, width - len(s) :] = torch.tensor(lbl)
+        mask[i, width - len(s) :] = 1
+    return ids, mask, lab
+
+
+def build_pad_model(
+    out_dir: str | Path,
+    *,
+    steps: int,
+    seed: int = 0,
+    lr: float = 6e-3,
+    batch_size: int = 64,
+    error_rate: float = DEFAULT_ERROR_RATE,
+    log_every: int = 100,
+) -> Path:
+    """Tokenizer + tiny Llama, warm-started on :func:`sft_target` targets (AdamW, linear
+    warmup, cosine decay, as the demo's), saved to ``out_dir``. Deterministic given the
+    arguments on a fixed thread count (the build uses 1: on a shared 2-core machine a second
+    thread made each step ~10x slower)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(_model_config(len(tokenizer)))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    rng = random.Random(seed + 20_011)  # training stream, distinct from the task's prompts
+    t0, running = time.perf_counter(), 0.0
+    for step in range(steps):
+        ids, mask, labels = _training_batch(tokenizer, rng, batch_size, error_rate)
+        loss = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), labels=labels
+        ).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            print(
+                f"step {step + 1}/{steps}  loss {running / n:.4f}  {time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
+            running = 0.0
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model_dir: str | Path = None,
+    n_prompts: int = 256,
+    samples: int = 4,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict:
+    """Sampled ``accuracy``, ``pad_rate`` (share of responses longer than the answer),
+    ``mean_filler`` (how much longer, over those), ``mean_len_correct`` /
+    ``mean_len_incorrect`` (tokens incl. EOS; NaN when none) and ``n_samples``."""
+    torch.set_num_threads(1)
+    model_dir = model_dir or pad_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = make_pad_prompts(n_prompts, seed=seed).to_pylist()
+    torch.manual_seed(seed)
+    oks, fills, lengths = [], [], {True: [], False: []}
+    for start in range(0, len(rows), 128):
+        chunk = rows[start : start + 128]
+        batch = tokenizer.pad(
+            {"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in chunk]},
+            return_tensors="pt",
+        )
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
+        )
+        for i, toks in enumerate(out[:, batch["input_ids"].shape[1] :].tolist()):
+            row = chunk[i // samples]  # num_return_sequences repeats each prompt in place
+            finished = EOS_ID in toks
+            resp = toks[: toks.index(EOS_ID) + 1] if finished else toks
+            text = tokenizer.decode(resp, skip_special_tokens=True)
+            ok = is_correct(text, row["answer"], finished)
+            oks.append(ok)
+            if len(text) > len(row["answer"]):  # padded (a drop + 1 filler digit escapes)
+                fills.append(len(text) - len(row["answer"]))
+            lengths[ok].append(len(resp))
+
+    def mean(xs: list) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return {
+        "accuracy": mean(oks),
+        "pad_rate": len(fills) / len(oks),
+        "mean_filler": mean(fills),
+        "mean_len_correct": mean(lengths[True]),
+        "mean_len_incorrect": mean(lengths[False]),
+        "n_samples": len(oks),
+    }
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+DEFAULT_STEPS = 1500
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.pad_task", description=__doc__.split("\n")[0]
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--build", action="store_true", help="build and warm-start the model")
+    what.add_argument("--eval", action="store_true", help="sampled accuracy and lengths")
+    parser.add_argument("--out", type=Path, default=None, help="model folder (default: shipped)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--error-rate", type=float, default=DEFAULT_ERROR_RATE)
+    parser.add_argument("--n-prompts", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    folder = args.out or pad_model_dir()
+    if args.build:
+        t0 = time.perf_counter()
+        path = build_pad_model(folder, steps=args.steps, seed=args.seed, error_rate=args.error_rate)
+        print(f"saved {path} in {time.perf_counter() - t0:.1f}s")
+        return
+    res = evaluate(folder, args.n_prompts, args.samples, args.temperature, args.seed)
+    print(
+        f"accuracy {res['accuracy']:.3f} over {res['n_samples']} samples  pad rate "
+        f"{res['pad_rate']:.3f}  mean filler {res['mean_filler']:.2f}  mean length correct "
+        f"{res['mean_len_correct']:.2f}  incorrect {res['mean_len_incorrect']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
