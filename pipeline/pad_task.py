@@ -7,55 +7,56 @@ unlearned more slowly; they cannot grow. This task is built so that they can.
 The prompt ``"pad 4821="`` has the single correct response ``"1284"`` + EOS
 (1 to 6 digits from 1-9, so correct responses are 2 to 7 tokens) and is graded
 by the pipeline's default reward, ``exact_match``. The warm-started policy has
-one extra bad habit: after a *wrong* answer it often *pads* -- it goes on with
-filler digits instead of EOS, a run of geometrically distributed length
-(stop probability :data:`FILLER_STOP` per token, mean ~15, at most
+one extra bad habit: when it writes a wrong digit it often goes on with *filler*
+digits instead of the rest of the answer, a run of geometrically distributed
+length (stop probability :data:`FILLER_STOP` per token, mean ~15, at most
 :data:`MAX_FILLER` in the warm start). Nothing bounds that run but
 ``generate.max_new_tokens`` (64 for this task).
 
-Why plain GRPO (``update.loss_agg=seq_mean_token_mean``) keeps and lengthens
-the padding while Dr. GRPO (``seq_mean_token_sum_norm``) does not: GRPO gives
-every token of response ``o`` the weight ``A / |o|``. A padded response is
-wrong (``A < 0``), and in each filler state the model chooses between another
-filler digit and EOS. Responses that stopped there are shorter than those that
-went on, so their EOS is pushed down by ``|A| / |o_short|`` while the
-continuations are pushed down only by ``|A| / |o_long|``: the stop probability
-falls and the padding gets *longer* the more it is penalised. The same holds
-one step earlier, between a short wrong answer (EOS right after the digits) and
-a padded one. With a constant normaliser (Dr. GRPO) both choices get the same
-per-token weight, the expected gradient on the go-on-or-stop choice is zero,
-and a padded response carries more negative weight in all (one share per
-token), so the padding is unlearned. The score metrics ``mean_len_incorrect``
-(raw) and ``len_gap`` (incorrect minus correct, within a prompt) show it;
-docs/tasks.md has the measured runs. Measured, not only argued: under GRPO the
-padding of the padded wrong answers grows (~14 -> ~20 filler digits in 25
-iterations, 3 seeds) and ``len_gap`` rises, while the *share* of wrong answers
-that are padded still falls, so the raw ``mean_len_incorrect`` stays about
-level under GRPO and falls under Dr. GRPO.
+Why plain GRPO (``update.loss_agg=seq_mean_token_mean``) lengthens the wrong
+answers while Dr. GRPO (``seq_mean_token_sum_norm``) does not: GRPO gives every
+token of response ``o`` the weight ``A / |o|``. Right after a wrong digit the
+response is wrong whatever comes next (``A < 0`` for all its continuations), and
+the policy chooses between finishing the answer (short) and filler (long); in
+each filler state it chooses between another filler digit and EOS. In both
+choices the shorter option's token is pushed down by ``|A| / |o_short|`` and the
+longer one's only by ``|A| / |o_long|``, so probability moves to the longer
+option: more wrong answers turn to filler and the filler runs get longer, the
+more they are penalised. With a constant normaliser (Dr. GRPO) every choice gets
+the same weight per token, the expected push on these choices is zero, and the
+padding is not favoured. Padding starts *at* the wrong digit, never after a
+right one, so the choice is made among wrong responses only: when the warm start
+padded after a whole wrong answer, the state before EOS was shared with right
+answers, whose EOS RL pushes up, and the padded share fell under both
+aggregations.
+
+Measured (docs/tasks.md, README "Experiment"): under GRPO the mean length of
+incorrect responses (score metric ``mean_len_incorrect``) grows from ~9 to ~12
+tokens in 25 iterations on every seed, the within-prompt gap ``len_gap`` from
+~4 to ~7, the share of wrong answers that pad and the filler runs (~14 -> ~20
+digits) both grow; under Dr. GRPO all of them fall, at the same reward.
 
 The warm start (:func:`sft_target`): plain cross-entropy on targets that are
-right with probability ``1 - error_rate`` (0.5 wrong) and otherwise a digit
-error of :data:`ERROR_MODES` (``swap``: one digit replaced, ``drop``: one left
-out), followed with probability :data:`PAD_RATE` by :func:`filler`. Sampling
-at temperature 1 it is right ~22% of the time (it also learned to pad, or to
-err, where the targets did not) and ~28% of its responses are padded.
+right with probability ``1 - error_rate`` (0.5 wrong) and otherwise one wrong
+digit at a random position followed by filler (:data:`PAD_RATE`) or by the rest
+of the answer, or one digit left out. Sampling at temperature 1 it is right
+~35% of the time and ~17% of its responses are padded.
 
-Designs tried and left out (seed 0, 25 iterations, same settings):
+Designs tried and left out (25 iterations, same settings):
 
-* filler *symbols* (``~ _ *``) after a wrong answer: the padding grew under
-  GRPO (8 -> 14-17 tokens) but was unlearned as a whole (padded share of wrong
-  answers 0.43 -> 0.16). (Symbols after a *right* answer, the first try, were
-  simply unlearned: RL only had to learn EOS.) A token that only ever occurs in wrong responses gets
-  a gradient of one sign in every update; Adam, normalising per parameter,
-  moves it at full speed whatever the aggregation. Hence filler *digits*,
-  which every right answer also uses, so the weighting decides;
-* padding after every wrong answer (``PAD_RATE = 1``): the model cannot tell
-  a swapped digit from a right one, so it learned to pad right answers too,
-  and RL removed padding under both aggregations;
-* filler after the answer rather than before it (a scratchpad): a 2-layer
-  model learns the reversal at fixed offsets from ``=``; filler in front would
-  shift them and need a far longer warm start, and the length mechanism only
-  needs a go-on-or-stop choice inside the wrong response.
+* filler after the *whole* wrong answer (the first version of this task): the
+  filler grew under GRPO (~14 -> ~20 digits) but the padded share of wrong
+  answers fell (0.33 -> 0.10-0.18), so the raw ``mean_len_incorrect`` did not
+  rise (9.3 -> 8.2); the reason is above. The same with padding rate 0.5 at the
+  wrong digit: raw length up, but by less (+1.4 to +2.1 tokens, 3 seeds);
+* filler *symbols* (``~ _ *``): a token that only ever occurs in wrong
+  responses gets a gradient of one sign in every update; Adam, normalising per
+  parameter, moves it at full speed whatever the aggregation, so the padding
+  was unlearned. Hence filler *digits*, which every right answer also uses, so
+  the weighting decides;
+* filler in front of the answer (a scratchpad): a 2-layer model learns the
+  reversal at fixed offsets from ``=``; filler in front would shift them and
+  need a far longer warm start.
 
 Conventions as in :mod:`pipeline.demo`: no special tokens are added when
 encoding, every digit is one token, a response is the generated ids up to and
@@ -209,11 +210,16 @@ def _model_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-# Digit errors of the warm-start targets and their relative weights; each is followed by
-# filler with probability PAD_RATE. Padding only ever follows a wrong answer: dropping it
-# cannot make a response right, so RL can only remove it as a side effect.
-ERROR_MODES = {"swap": 0.6, "drop": 0.4}
-PAD_RATE = 0.5
+# The warm start's wrong targets: one digit at position i is wrong. With probability
+# PAD_RATE the response turns to filler right after that digit ("swap+pad"); otherwise it
+# finishes the answer (``swap``: one digit replaced) or skips the digit (``drop``, with
+# probability DROP_RATE). Padding starts *at* the error, never after a right digit: the
+# model can see there that its response is already wrong (the digit it wrote is not the
+# mirrored prompt digit), so the choice between filler and the rest of the answer is made
+# among wrong responses only, where the loss aggregation decides it (module docstring).
+PAD_RATE = 0.35
+DROP_RATE = 0.4
+ERROR_MODES = ("swap+pad", "swap", "drop")
 
 
 def filler(rng: random.Random) -> str:
@@ -227,24 +233,20 @@ def filler(rng: random.Random) -> str:
 
 def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str, str]:
     """The warm-start target for ``digits`` and its mode: ``"correct"``, or with probability
-    ``error_rate`` a digit error of :data:`ERROR_MODES` (``swap``: one digit replaced;
-    ``drop``: one digit left out, a swap for a single digit), then with probability
-    :data:`PAD_RATE` :func:`filler` (mode ``swap+pad`` / ``drop+pad``)."""
+    ``error_rate`` one of :data:`ERROR_MODES`: the right digits up to position ``i``, a wrong
+    digit there, then :func:`filler` (``swap+pad``, probability :data:`PAD_RATE`), or the
+    rest of the answer (``swap``), or the answer with digit ``i`` left out (``drop``,
+    probability :data:`DROP_RATE` of the unpadded errors; a swap for a single digit)."""
     answer = digits[::-1]
     if rng.random() >= error_rate:
         return answer, "correct"
-    modes = list(ERROR_MODES)
-    mode = rng.choices(modes, weights=[ERROR_MODES[m] for m in modes])[0]
     i = rng.randrange(len(answer))
-    if mode == "drop" and len(answer) >= 2:
-        wrong = answer[:i] + answer[i + 1 :]
-    else:
-        mode = "swap"
-        other = rng.choice([d for d in "123456789" if d != answer[i]])
-        wrong = answer[:i] + other + answer[i + 1 :]
+    other = rng.choice([d for d in "123456789" if d != answer[i]])
     if rng.random() < PAD_RATE:
-        return wrong + filler(rng), mode + "+pad"
-    return wrong, mode
+        return answer[:i] + other + filler(rng), "swap+pad"
+    if rng.random() < DROP_RATE and len(answer) >= 2:
+        return answer[:i] + answer[i + 1 :], "drop"
+    return answer[:i] + other + answer[i + 1 :], "swap"
 
 
 def _training_batch(tokenizer, rng: random.Random, batch_size: int, error_rate: float):
