@@ -72,18 +72,27 @@ def test_warm_start_targets():
     import random
 
     rng = random.Random(0)
-    seen = [pad_task.sft_target("1234", rng, 1.0) for _ in range(400)]
-    assert all(t != "4321" for t, _ in seen)  # error_rate 1: every target is wrong
+    answer = "4321"
+    seen = [pad_task.sft_target("1234", rng, 1.0) for _ in range(600)]
+    assert all(t != answer for t, _ in seen)  # error_rate 1: every target is wrong
     for t, mode in seen:
-        digits = t[:4] if mode.startswith("swap") else t[:3]
-        assert len(digits) == (4 if mode.startswith("swap") else 3) and digits != "4321"
-        extra = len(t) - len(digits)
-        if mode.endswith("+pad"):
-            assert 1 <= extra <= pad_task.MAX_FILLER
-        else:
-            assert extra == 0
-    modes = {m for _, m in seen}
-    assert {"swap+pad", "drop+pad"} <= modes
+        if mode == "drop":  # one digit left out, nothing after
+            assert len(t) == 3 and any(answer[:i] + answer[i + 1 :] == t for i in range(4))
+            continue
+        # The first wrong digit is where a swap is: right digits before it.
+        i = next(k for k in range(min(len(t), 4)) if t[k] != answer[k])
+        if mode == "swap":
+            assert len(t) == 4 and t[:i] + t[i + 1 :] == answer[:i] + answer[i + 1 :]
+        else:  # padding starts right after the wrong digit, never after a right one
+            assert mode == "swap+pad"
+            assert 1 <= len(t) - (i + 1) <= pad_task.MAX_FILLER
+            assert set(t) <= set(pad_task.FILLER)
+    counts = {m: sum(mode == m for _, mode in seen) for m in pad_task.ERROR_MODES}
+    assert all(counts.values()), counts
+    # PAD_RATE of the errors pad (binomial, 600 draws: well within 5 sigma).
+    assert abs(counts["swap+pad"] / len(seen) - pad_task.PAD_RATE) < 0.1
+    right = [pad_task.sft_target("1234", rng, 0.0) for _ in range(20)]
+    assert right == [(answer, "correct")] * 20
 
 
 def test_one_iteration_through_the_flow(tmp_path):
