@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import lazy
+
 
 def _prefect_env() -> None:
     # Offline machines: Prefect's analytics would log an error on every start.
@@ -39,25 +41,28 @@ def _prefect_env() -> None:
 
 
 def _quiet_hf() -> None:
-    # Per-call "Loading weights" bars would drown the per-iteration progress lines.
+    # Per-call "Loading weights" bars would drown the per-iteration progress lines. Set
+    # through the environment, which transformers reads at import, so that a run that never
+    # loads a model (a fully cached rerun) does not import it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if lazy.is_loaded("transformers"):  # imported already (in-process callers, tests)
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _runtime() -> None:
-    """Quiet HF progress bars and size torch's thread pool, before any stage runs."""
+    """Quiet HF progress bars and size torch's thread pool, before any stage runs; neither
+    library is imported here (torch's pool is sized when torch is first loaded)."""
     _quiet_hf()
-    import torch
-
     # One core is left to Prefect's API client and server: with every core given to
     # torch's OpenMP pool, the pool's spin-waits fight them and a stage runs ~20x slower
     # (measured on 2 cores: update 8.3 s vs 0.24 s).
     n = int(os.environ.get("EQLEN_THREADS", "0")) or max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(n)
+    lazy.when_loaded("torch", lambda torch: torch.set_num_threads(n))
 
 
 def cmd_run(args) -> int:

@@ -58,18 +58,19 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+
+from pipeline.lazy import lazy_import
+
+# torch bound lazily, transformers imported in the functions that build or load a model (its
+# own lazy module does not stack on importlib's LazyLoader): a cached run needs only the
+# prompts of this module, and neither library.
+torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import transformers
 
 PAD, EOS, BOS = "<pad>", "</s>", "<s>"
 # Special tokens are given to the BPE trainer first, so their ids are fixed.
@@ -125,7 +126,7 @@ def is_correct(response_text: str, answer: str, finished: bool = True) -> bool:
 # --------------------------------------------------------------------------
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained locally on task text.
 
     The ``Digits(individual_digits=True)`` pre-tokenizer runs before the
@@ -135,6 +136,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     Ids: ``<pad>`` = 0, ``</s>`` (EOS) = 1, ``<s>`` (BOS) = 2. No post-processor
     is set, so encoding never adds special tokens.
     """
+    import transformers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -157,7 +160,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         EOS_ID,
         BOS_ID,
     )
-    return PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
         eos_token=EOS,
@@ -167,7 +170,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+def encode_prompt(tokenizer: transformers.PreTrainedTokenizerFast, text: str) -> list[int]:
     """The model input for a prompt: its token ids, with no BOS prepended.
 
     Every prompt begins with the same ``rev`` token, which already gives the
@@ -177,7 +180,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_response(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int]:
+def encode_response(tokenizer: transformers.PreTrainedTokenizerFast, answer: str) -> list[int]:
     """The target ids of a correct response: one token per digit, then EOS."""
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
@@ -194,9 +197,11 @@ def demo_model_dir() -> Path:
     return DEMO_MODEL_DIR
 
 
-def _model_config(vocab_size: int) -> LlamaConfig:
+def _model_config(vocab_size: int) -> transformers.LlamaConfig:
     # head_dim = 64 / 2 = 32: some attention kernels (vLLM) refuse smaller heads.
-    return LlamaConfig(
+    import transformers
+
+    return transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=256,
@@ -243,7 +248,7 @@ def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str,
 
 
 def _training_batch(
-    tokenizer: PreTrainedTokenizerFast,
+    tokenizer: transformers.PreTrainedTokenizerFast,
     rng: random.Random,
     batch_size: int,
     max_digits: int,
@@ -303,11 +308,13 @@ def build_demo_model(
     then sets how often the sampled policy is right. Deterministic given the
     arguments (on a fixed thread count: the build uses 2).
     """
+    import transformers
+
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     out = Path(out_dir)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(_model_config(len(tokenizer)))
+    model = transformers.LlamaForCausalLM(_model_config(len(tokenizer)))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -340,7 +347,7 @@ def build_demo_model(
             running = 0.0
 
     model.eval()
-    model.generation_config = GenerationConfig(
+    model.generation_config = transformers.GenerationConfig(
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
@@ -361,7 +368,6 @@ def build_demo_model(
 # --------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(
     model_dir: str | Path,
     n_prompts: int = 256,
@@ -376,9 +382,11 @@ def evaluate(
     ``mean_len_correct`` / ``mean_len_incorrect`` (response tokens incl. EOS;
     NaN when there is no such sample) and ``n_samples``.
     """
+    import transformers
+
     torch.set_num_threads(2)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     table = make_demo_prompts(n_prompts, seed=seed, max_digits=max_digits).to_pylist()
     torch.manual_seed(seed)
     correct: dict[int, list[bool]] = {}

@@ -70,20 +70,20 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
 
 from pipeline.demo import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, _positions
+from pipeline.lazy import lazy_import
+
+# torch bound lazily, transformers imported in the functions that build or load a model (its
+# own lazy module does not stack on importlib's LazyLoader): a cached run needs only the
+# prompts of this module, and neither library.
+torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import transformers
 
 # Prompt (<= 10 tokens) + 64 new tokens must fit, with room to spare for longer budgets.
 MAX_POSITIONS = 96
@@ -143,9 +143,11 @@ def is_correct(response_text: str, answer: str, finished: bool = True) -> bool:
 # --------------------------------------------------------------------------
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """Byte-level BPE as the demo's (digits split individually, full byte alphabet), trained
     on prompts and answers only, so the filler characters stay single-byte tokens."""
+    import transformers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -168,7 +170,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         EOS_ID,
         BOS_ID,
     )
-    return PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
         eos_token=EOS,
@@ -193,9 +195,11 @@ def pad_model_dir() -> Path:
     return PAD_MODEL_DIR
 
 
-def _model_config(vocab_size: int) -> LlamaConfig:
+def _model_config(vocab_size: int) -> transformers.LlamaConfig:
     # The demo's shape (head_dim 32 for vLLM), with positions for a 64-token budget.
-    return LlamaConfig(
+    import transformers
+
+    return transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=256,
@@ -283,11 +287,13 @@ def build_pad_model(
     warmup, cosine decay, as the demo's), saved to ``out_dir``. Deterministic given the
     arguments on a fixed thread count (the build uses 1: on a shared 2-core machine a second
     thread made each step ~10x slower)."""
+    import transformers
+
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     out = Path(out_dir)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(_model_config(len(tokenizer)))
+    model = transformers.LlamaForCausalLM(_model_config(len(tokenizer)))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -319,7 +325,7 @@ def build_pad_model(
             )
             running = 0.0
     model.eval()
-    model.generation_config = GenerationConfig(
+    model.generation_config = transformers.GenerationConfig(
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
@@ -340,7 +346,6 @@ def build_pad_model(
 # --------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(
     model_dir: str | Path = None,
     n_prompts: int = 256,
@@ -352,10 +357,12 @@ def evaluate(
     """Sampled ``accuracy``, ``pad_rate`` (share of responses longer than the answer),
     ``mean_filler`` (how much longer, over those), ``mean_len_correct`` /
     ``mean_len_incorrect`` (tokens incl. EOS; NaN when none) and ``n_samples``."""
+    import transformers
+
     torch.set_num_threads(1)
     model_dir = model_dir or pad_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = make_pad_prompts(n_prompts, seed=seed).to_pylist()
     torch.manual_seed(seed)
     oks, fills, lengths = [], [], {True: [], False: []}
