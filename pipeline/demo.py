@@ -57,6 +57,7 @@ import argparse
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,8 +198,9 @@ def demo_model_dir() -> Path:
     return DEMO_MODEL_DIR
 
 
-def _model_config(vocab_size: int) -> transformers.LlamaConfig:
-    # head_dim = 64 / 2 = 32: some attention kernels (vLLM) refuse smaller heads.
+def _model_config(vocab_size: int, max_positions: int = MAX_POSITIONS) -> transformers.LlamaConfig:
+    # head_dim = 64 / 2 = 32: some attention kernels (vLLM) refuse smaller heads. The pad
+    # task (pipeline/pad_task.py) uses the same shape with more positions.
     import transformers
 
     return transformers.LlamaConfig(
@@ -208,7 +210,7 @@ def _model_config(vocab_size: int) -> transformers.LlamaConfig:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
@@ -254,20 +256,29 @@ def _training_batch(
     max_digits: int,
     error_rate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A fresh batch of (prompt + response) sequences, left-padded like at
-    generation time; the loss sees only response tokens and EOS. Targets are
+    """A fresh batch of (prompt + response) sequences (:func:`collate`). Targets are
     corrupted with probability ``error_rate`` (see :func:`sft_target`)."""
-    seqs, labels = [], []
+    examples = []
     for _ in range(batch_size):
         digits = _draw_digits(rng, 1, max_digits)
         target, _ = sft_target(digits, rng, error_rate)
-        p, r = encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, target)
-        seqs.append(p + r)
-        labels.append([-100] * len(p) + r)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((batch_size, width), PAD_ID, dtype=torch.long)
-    lab = torch.full((batch_size, width), -100, dtype=torch.long)
-    mask = torch.zeros((batch_size, width), dtype=torch.long)
+        examples.append(
+            (encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, target))
+        )
+    return collate(examples)
+
+
+def collate(
+    examples: list[tuple[list[int], list[int]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, response ids) pairs -> input ids, attention mask and labels, left-padded
+    like at generation time; the loss sees only response tokens and EOS."""
+    seqs = [p + r for p, r in examples]
+    labels = [[-100] * len(p) + r for p, r in examples]
+    width, n = max(len(s) for s in seqs), len(seqs)
+    ids = torch.full((n, width), PAD_ID, dtype=torch.long)
+    lab = torch.full((n, width), -100, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
     for i, (s, lbl) in enumerate(zip(seqs, labels)):
         ids[i, width - len(s) :] = torch.tensor(s)
         lab[i, width - len(s) :] = torch.tensor(lbl)
@@ -308,13 +319,47 @@ def build_demo_model(
     then sets how often the sampled policy is right. Deterministic given the
     arguments (on a fixed thread count: the build uses 2).
     """
+    tokenizer = build_tokenizer()
+    return warm_start(
+        out_dir,
+        tokenizer,
+        lambda rng: _training_batch(tokenizer, rng, batch_size, max_digits, error_rate),
+        steps=steps,
+        seed=seed,
+        data_seed=seed + 10_007,  # training data stream, distinct from eval prompts
+        lr=lr,
+        threads=2,
+        max_positions=MAX_POSITIONS,
+        max_new_tokens=_max_new_tokens(max_digits),
+        log_every=log_every,
+    )
+
+
+def warm_start(
+    out_dir: str | Path,
+    tokenizer: transformers.PreTrainedTokenizerFast,
+    next_batch: Callable[[random.Random], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    seed: int,
+    data_seed: int,
+    lr: float,
+    threads: int,
+    max_positions: int,
+    max_new_tokens: int,
+    log_every: int,
+) -> Path:
+    """A tiny Llama (:func:`_model_config`) trained with cross-entropy on ``next_batch(rng)``
+    batches (:func:`collate`), AdamW with a linear warmup over 5% of the steps and cosine
+    decay, saved with ``tokenizer`` and a sampling generation config to ``out_dir``. Shared
+    by the built-in tasks' builds (this module's and pipeline/pad_task.py's); deterministic
+    given the arguments, on ``threads`` torch threads."""
     import transformers
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
-    model = transformers.LlamaForCausalLM(_model_config(len(tokenizer)))
+    model = transformers.LlamaForCausalLM(_model_config(len(tokenizer), max_positions))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -325,10 +370,10 @@ def build_demo_model(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    rng = random.Random(seed + 10_007)  # training data stream, distinct from eval prompts
+    rng = random.Random(data_seed)
     t0, running = time.perf_counter(), 0.0
     for step in range(steps):
-        ids, mask, labels = _training_batch(tokenizer, rng, batch_size, max_digits, error_rate)
+        ids, mask, labels = next_batch(rng)
         loss = model(
             input_ids=ids, attention_mask=mask, position_ids=_positions(mask), labels=labels
         ).loss
@@ -355,7 +400,7 @@ def build_demo_model(
         temperature=1.0,
         top_k=0,
         top_p=1.0,
-        max_new_tokens=_max_new_tokens(max_digits),
+        max_new_tokens=max_new_tokens,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -66,7 +66,6 @@ including the first EOS.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from pathlib import Path
@@ -75,7 +74,19 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline.demo import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, _positions
+from pipeline.demo import (
+    BOS,
+    BOS_ID,
+    EOS,
+    EOS_ID,
+    PAD,
+    PAD_ID,
+    collate,
+    encode_prompt,
+    encode_response,
+    is_correct,
+    warm_start,
+)
 from pipeline.lazy import lazy_import
 
 # torch bound lazily, transformers imported in the functions that build or load a model (its
@@ -133,11 +144,6 @@ def make_pad_prompts(n: int, seed: int = 0) -> pa.Table:
     return pa.table([ids, prompts, answers], schema=schema)
 
 
-def is_correct(response_text: str, answer: str, finished: bool = True) -> bool:
-    """Exact match, as the score stage's ``exact_match``; cut off before EOS is wrong."""
-    return finished and response_text.strip() == answer
-
-
 # --------------------------------------------------------------------------
 # Tokenizer and model
 # --------------------------------------------------------------------------
@@ -180,38 +186,11 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def encode_response(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
 def pad_model_dir() -> Path:
     """The shipped warm-started checkpoint (model + tokenizer)."""
     from pipeline.models import PAD_MODEL_DIR
 
     return PAD_MODEL_DIR
-
-
-def _model_config(vocab_size: int) -> transformers.LlamaConfig:
-    # The demo's shape (head_dim 32 for vLLM), with positions for a 64-token budget.
-    import transformers
-
-    return transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-    )
 
 
 # The warm start's wrong targets: one digit at position i is wrong. With probability
@@ -254,23 +233,14 @@ def sft_target(digits: str, rng: random.Random, error_rate: float) -> tuple[str,
 
 
 def _training_batch(tokenizer, rng: random.Random, batch_size: int, error_rate: float):
-    """Left-padded (prompt + target) sequences; the loss sees only the target and EOS."""
-    seqs, labels = [], []
+    examples = []
     for _ in range(batch_size):
         digits = _draw_digits(rng)
         target, _ = sft_target(digits, rng, error_rate)
-        p, r = encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, target)
-        seqs.append(p + r)
-        labels.append([-100] * len(p) + r)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((batch_size, width), PAD_ID, dtype=torch.long)
-    lab = torch.full((batch_size, width), -100, dtype=torch.long)
-    mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for i, (s, lbl) in enumerate(zip(seqs, labels)):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        lab[i, width - len(s) :] = torch.tensor(lbl)
-        mask[i, width - len(s) :] = 1
-    return ids, mask, lab
+        examples.append(
+            (encode_prompt(tokenizer, format_prompt(digits)), encode_response(tokenizer, target))
+        )
+    return collate(examples)
 
 
 def build_pad_model(
@@ -287,58 +257,20 @@ def build_pad_model(
     warmup, cosine decay, as the demo's), saved to ``out_dir``. Deterministic given the
     arguments on a fixed thread count (the build uses 1: on a shared 2-core machine a second
     thread made each step ~10x slower)."""
-    import transformers
-
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    out = Path(out_dir)
     tokenizer = build_tokenizer()
-    model = transformers.LlamaForCausalLM(_model_config(len(tokenizer)))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    rng = random.Random(seed + 20_011)  # training stream, distinct from the task's prompts
-    t0, running = time.perf_counter(), 0.0
-    for step in range(steps):
-        ids, mask, labels = _training_batch(tokenizer, rng, batch_size, error_rate)
-        loss = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), labels=labels
-        ).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            n = (step % log_every) + 1
-            print(
-                f"step {step + 1}/{steps}  loss {running / n:.4f}  {time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
-            running = 0.0
-    model.eval()
-    model.generation_config = transformers.GenerationConfig(
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
+    return warm_start(
+        out_dir,
+        tokenizer,
+        lambda rng: _training_batch(tokenizer, rng, batch_size, error_rate),
+        steps=steps,
+        seed=seed,
+        data_seed=seed + 20_011,  # training stream, distinct from the task's prompts
+        lr=lr,
+        threads=1,
+        max_positions=MAX_POSITIONS,
         max_new_tokens=MAX_NEW_TOKENS,
+        log_every=log_every,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 # --------------------------------------------------------------------------
