@@ -413,6 +413,49 @@ def warm_start(
 # --------------------------------------------------------------------------
 
 
+def sample_responses(
+    model_dir: str | Path,
+    rows: list[dict],
+    samples: int,
+    temperature: float,
+    seed: int,
+    max_new_tokens: int,
+    threads: int,
+) -> list[tuple[dict, str, bool, int]]:
+    """``samples`` responses per prompt row, sampled with plain HF ``generate`` (an
+    independent check of the pipeline's engines), as (row, text, finished, tokens incl.
+    EOS); shared by the built-in tasks' ``evaluate``."""
+    import transformers
+
+    torch.set_num_threads(threads)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    out_rows = []
+    for start in range(0, len(rows), 128):
+        chunk = rows[start : start + 128]
+        batch = tokenizer.pad(
+            {"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in chunk]},
+            return_tensors="pt",
+        )
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
+        )
+        for i, toks in enumerate(out[:, batch["input_ids"].shape[1] :].tolist()):
+            finished = EOS_ID in toks
+            resp = toks[: toks.index(EOS_ID) + 1] if finished else toks
+            text = tokenizer.decode(resp, skip_special_tokens=True)
+            # num_return_sequences repeats each prompt in place
+            out_rows.append((chunk[i // samples], text, finished, len(resp)))
+    return out_rows
+
+
 def evaluate(
     model_dir: str | Path,
     n_prompts: int = 256,
@@ -427,40 +470,15 @@ def evaluate(
     ``mean_len_correct`` / ``mean_len_incorrect`` (response tokens incl. EOS;
     NaN when there is no such sample) and ``n_samples``.
     """
-    import transformers
-
-    torch.set_num_threads(2)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     table = make_demo_prompts(n_prompts, seed=seed, max_digits=max_digits).to_pylist()
-    torch.manual_seed(seed)
     correct: dict[int, list[bool]] = {}
     lengths: dict[bool, list[int]] = {True: [], False: []}
-    for start in range(0, len(table), 128):
-        rows = table[start : start + 128]
-        batch = tokenizer.pad(
-            {"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in rows]},
-            return_tensors="pt",
-        )
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=_max_new_tokens(max_digits),
-            num_return_sequences=samples,
-        )
-        gen = out[:, batch["input_ids"].shape[1] :].tolist()
-        for i, toks in enumerate(gen):
-            row = rows[i // samples]  # num_return_sequences repeats each prompt in place
-            finished = EOS_ID in toks
-            resp = toks[: toks.index(EOS_ID) + 1] if finished else toks
-            ok = is_correct(
-                tokenizer.decode(resp, skip_special_tokens=True), row["answer"], finished
-            )
-            correct.setdefault(len(row["answer"]), []).append(ok)
-            lengths[ok].append(len(resp))
+    for row, text, finished, n_tokens in sample_responses(
+        model_dir, table, samples, temperature, seed, _max_new_tokens(max_digits), threads=2
+    ):
+        ok = is_correct(text, row["answer"], finished)
+        correct.setdefault(len(row["answer"]), []).append(ok)
+        lengths[ok].append(n_tokens)
 
     def mean(xs: list) -> float:
         return sum(xs) / len(xs) if xs else float("nan")

@@ -85,6 +85,7 @@ from pipeline.demo import (
     encode_prompt,
     encode_response,
     is_correct,
+    sample_responses,
     warm_start,
 )
 from pipeline.lazy import lazy_import
@@ -289,40 +290,16 @@ def evaluate(
     """Sampled ``accuracy``, ``pad_rate`` (share of responses longer than the answer),
     ``mean_filler`` (how much longer, over those), ``mean_len_correct`` /
     ``mean_len_incorrect`` (tokens incl. EOS; NaN when none) and ``n_samples``."""
-    import transformers
-
-    torch.set_num_threads(1)
-    model_dir = model_dir or pad_model_dir()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = make_pad_prompts(n_prompts, seed=seed).to_pylist()
-    torch.manual_seed(seed)
     oks, fills, lengths = [], [], {True: [], False: []}
-    for start in range(0, len(rows), 128):
-        chunk = rows[start : start + 128]
-        batch = tokenizer.pad(
-            {"input_ids": [encode_prompt(tokenizer, r["prompt"]) for r in chunk]},
-            return_tensors="pt",
-        )
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples,
-        )
-        for i, toks in enumerate(out[:, batch["input_ids"].shape[1] :].tolist()):
-            row = chunk[i // samples]  # num_return_sequences repeats each prompt in place
-            finished = EOS_ID in toks
-            resp = toks[: toks.index(EOS_ID) + 1] if finished else toks
-            text = tokenizer.decode(resp, skip_special_tokens=True)
-            ok = is_correct(text, row["answer"], finished)
-            oks.append(ok)
-            if len(text) > len(row["answer"]):  # padded (a drop + 1 filler digit escapes)
-                fills.append(len(text) - len(row["answer"]))
-            lengths[ok].append(len(resp))
+    for row, text, finished, n_tokens in sample_responses(
+        model_dir or pad_model_dir(), rows, samples, temperature, seed, max_new_tokens, threads=1
+    ):
+        ok = is_correct(text, row["answer"], finished)
+        oks.append(ok)
+        if len(text) > len(row["answer"]):  # padded (a drop + 1 filler digit escapes)
+            fills.append(len(text) - len(row["answer"]))
+        lengths[ok].append(n_tokens)
 
     def mean(xs: list) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
