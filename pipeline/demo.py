@@ -118,8 +118,9 @@ def make_demo_prompts(n: int, seed: int = 0, min_digits: int = 1, max_digits: in
 
 
 def is_correct(response_text: str, answer: str, finished: bool = True) -> bool:
-    """Exact match; a response cut off before EOS (``finished=False``) is wrong."""
-    return finished and response_text == answer
+    """Exact match after stripping whitespace, as the score stage's ``exact_match``; a
+    response cut off before EOS (``finished=False``) is wrong."""
+    return finished and response_text.strip() == answer
 
 
 # --------------------------------------------------------------------------
