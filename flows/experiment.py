@@ -247,6 +247,15 @@ def interval(vals) -> tuple[float, float]:
     )
 
 
+def comparisons(methods: list[str]) -> list[tuple[str, str]]:
+    """The tests the report makes: each EqLen method against the group method with its loss
+    (BASELINE), then every other method against GRPO, the reference of the loss family."""
+    pairs = [(m, b) for m, b in BASELINE.items() if m in methods and b in methods]
+    if "grpo" in methods:
+        pairs += [(m, "grpo") for m in methods if m != "grpo" and m not in BASELINE]
+    return pairs
+
+
 def welch_p(a, b) -> float:
     """Two-sided p-value of Welch's t-test (NaN with fewer than two values a side)."""
     from scipy import stats
@@ -322,7 +331,7 @@ def write_report(
         "| method vs baseline | final reward p | held-out p | Δ len incorrect p | gap mean p |",
         "|---|---|---|---|---|",
     ]
-    for m, b in BASELINE.items():
+    for m, b in comparisons(list(by)):
         if m in by and b in by:
             ps = [
                 welch_p([r[key] for r in by[m]], [r[key] for r in by[b]])

@@ -350,3 +350,17 @@ def test_check_run_script_passes_a_run_and_names_a_broken_dataset(make_cfg, poli
     )
     assert out.returncode != 0
     assert "iteration 1: invariant failed" in out.stderr and "segment_ids" in out.stderr
+
+
+def test_experiment_tests_eqlen_against_its_baseline_and_the_rest_against_grpo():
+    from flows.experiment import comparisons
+
+    methods = ["grpo", "dr_grpo", "eqlen_grpo", "gspo", "eqlen_gspo", "truncate"]
+    assert comparisons(methods) == [
+        ("eqlen_grpo", "grpo"),
+        ("eqlen_gspo", "gspo"),
+        ("truncate", "grpo"),
+        ("dr_grpo", "grpo"),
+        ("gspo", "grpo"),
+    ]
+    assert comparisons(["dapo", "eqlen_rloo"]) == []  # neither rloo nor grpo ran
