@@ -413,8 +413,8 @@ def main() -> None:
     pt = statistics.median(p["first_flow"] - p["second_flow"] for p in probes_temp)
     print(f"Prefect's temporary server start (first flow call - second): {pt:.1f}s")
     print(
-        f"interpreter start + the pipeline's imports (torch, transformers, stages), no "
-        f"Prefect: {statistics.median(imports):.1f}s"
+        f"interpreter start + the pipeline's imports (stages; torch bound lazily, loaded "
+        f"only by a stage that computes), no Prefect: {statistics.median(imports):.1f}s"
     )
     print(
         f"first probe on an empty PREFECT_HOME (database created, temporary server): first "

@@ -317,8 +317,10 @@ def build_demo_model(
     docstring), AdamW with a short linear warmup and cosine decay. ``steps``
     should be long enough for the model to learn the reversal itself
     (:data:`DEFAULT_STEPS`, ~2.5 minutes on 2 CPU threads); ``error_rate``
-    then sets how often the sampled policy is right. Deterministic given the
-    arguments (on a fixed thread count: the build uses 2).
+    then sets how often the sampled policy is right (~50 s here). Deterministic given
+    the arguments on one CPU model and thread count (the build uses 2); other CPUs' kernels
+    round differently: the shipped model was built on an AMD EPYC, and a build on an Intel
+    Xeon differs in its bits.
     """
     tokenizer = build_tokenizer()
     return warm_start(
