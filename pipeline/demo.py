@@ -66,9 +66,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.lazy import lazy_import
 
-# torch bound lazily, transformers imported in the functions that build or load a model (its
-# own lazy module does not stack on importlib's LazyLoader): a cached run needs only the
-# prompts of this module, and neither library.
+# torch bound lazily, transformers imported in the functions that build or load a model: a
+# cached run needs only the prompts of this module, and neither library.
 torch = lazy_import("torch")
 if TYPE_CHECKING:
     import transformers
