@@ -179,13 +179,22 @@ def _private_to_live_run(cmd: list[str]) -> bool:
 def _servers_of(d: Path) -> list[int]:
     """Every eqlen server process for `d`, recorded or not (an interrupted start), except
     the private servers of runs still going."""
-    out = []
+    found = {}
     for p in Path("/proc").glob("[0-9]*"):
         pid = int(p.name)
         cmd = _cmdline(pid)
         if pid != os.getpid() and _is_server(cmd, d) and not _private_to_live_run(cmd):
-            out.append(pid)
-    return out
+            found[pid] = _ppid(pid)
+    # A server's child between fork and exec still shows the server's command line (the
+    # server runs `file -b python` at start-up, through platform.architecture): not a server.
+    return [pid for pid, ppid in found.items() if ppid not in found]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only

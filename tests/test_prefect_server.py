@@ -47,8 +47,19 @@ def tagged(tag: str) -> dict[int, list[str]]:
     return out
 
 
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def servers(procs: dict[int, list[str]]) -> list[int]:
-    return [pid for pid, cmd in procs.items() if "flows.server" in cmd and "serve" in cmd]
+    """Server processes; not their children between fork and exec, which still show the
+    server's command line (the server runs `file -b python` at start-up, through
+    platform.architecture)."""
+    found = {pid for pid, cmd in procs.items() if "flows.server" in cmd and "serve" in cmd}
+    return [pid for pid in found if _ppid(pid) not in found]
 
 
 def wait_until(cond, timeout: float, what: str):
