@@ -81,6 +81,7 @@ def plain_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     runner.online(cfg, run_dir, on_iteration=report.iteration_line)
     report.print_summary(run_dir)
     report.console.print(f"done in {time.perf_counter() - t0:.1f}s")
+    cli.quick_teardown()  # as `eqlen` does at exit
 
 
 def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
@@ -103,6 +104,7 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     online(config.to_dict(cfg), str(run_dir))
     report.print_summary(run_dir)
     report.console.print(f"done in {time.perf_counter() - t0:.1f}s")
+    cli.quick_teardown()  # as `eqlen` does at exit
 
 
 def probe_child() -> None:

@@ -23,6 +23,7 @@ eqlen server start|status|stop   (the local Prefect server `eqlen run` keeps and
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -586,6 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quick_teardown() -> None:
+    """Let the interpreter's teardown skip the objects alive now.
+
+    At exit CPython collects garbage over every object still alive; after a run that is the
+    whole of Prefect's, pydantic's and torch's module state, which took 0.35-0.5 s of every
+    `eqlen run` (measured on 2 cores; a fully cached rerun takes ~2.5 s). Frozen objects
+    are skipped by those collections; atexit handlers (Prefect's log and event workers
+    drain there) and the module teardown still run, and our files are closed by `with`."""
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import EqLenError
 
@@ -595,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     except EqLenError as e:
         print(f"eqlen: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if argv is None:  # the `eqlen` process itself, not a caller in its own process
+            quick_teardown()
 
 
 if __name__ == "__main__":

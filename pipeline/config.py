@@ -20,6 +20,7 @@ of the wrong type fails with a message that lists the valid keys or values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -419,6 +420,13 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # The annotations are strings (postponed evaluation): resolving them compiles each one,
+    # and a config is loaded once per stage task, so once per class is enough.
+    return typing.get_type_hints(cls)
+
+
 def _set(obj: Any, key: str, value: Any, prefix: str = "") -> None:
     head, _, rest = key.partition(".")
     fields = _fields(obj)
@@ -442,8 +450,7 @@ def _set(obj: Any, key: str, value: Any, prefix: str = "") -> None:
         return
     if rest:
         raise ConfigError(f"'{full}' is not a section; it has no key '{rest}'")
-    hints = typing.get_type_hints(type(obj))
-    setattr(obj, head, _coerce(value, hints[head], full))
+    setattr(obj, head, _coerce(value, _hints(type(obj))[head], full))
 
 
 def leaves(obj: Any, prefix: str = ""):
@@ -585,6 +592,6 @@ def describe() -> list[tuple[str, str, str, str]]:
     for key, f, v, owner in leaves(Config()):
         ch = choices_of(f, key)
         help_ = f.metadata.get("help", "") + (f" One of: {', '.join(ch)}." if ch else "")
-        tp = typing.get_type_hints(type(owner))[f.name]
+        tp = _hints(type(owner))[f.name]
         rows.append((key, getattr(tp, "__name__", str(tp)), repr(v), help_))
     return rows
