@@ -71,11 +71,11 @@ def plain_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     from flows import cli, report, runner
     from pipeline import config
 
+    cli._runtime()  # as `eqlen run`: HF quieting, torch thread count, GC thresholds
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
     run_dir = Path(run_dir).resolve()
     _preflight(cfg, run_dir)  # as `eqlen run`
-    cli._runtime()  # the same HF quieting and torch thread count as `eqlen run`
     report.console.print(f"plain run -> {run_dir}  ({cfg.iterations} iterations)")
     t0 = time.perf_counter()
     runner.online(cfg, run_dir, on_iteration=report.iteration_line)
@@ -91,12 +91,12 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     from flows import cli, report
     from pipeline import config
 
+    cli._runtime()
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
     run_dir = Path(run_dir).resolve()
     _preflight(cfg, run_dir)
     cli._prefect_env()
-    cli._runtime()
     from flows.online import online
 
     report.console.print(f"flow, Prefect's temporary server -> {run_dir}")
