@@ -71,6 +71,7 @@ def plain_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     from flows import cli, report, runner
     from pipeline import config
 
+    cli.arm_quick_exit()  # as `eqlen` ends (no interpreter teardown)
     cli._runtime()  # as `eqlen run`: HF quieting, torch thread count, GC thresholds
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
@@ -81,7 +82,7 @@ def plain_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     runner.online(cfg, run_dir, on_iteration=report.iteration_line)
     report.print_summary(run_dir)
     report.console.print(f"done in {time.perf_counter() - t0:.1f}s")
-    cli.quick_teardown()  # as `eqlen` does at exit
+    cli.quick_exit(0)  # as `eqlen` ends
 
 
 def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
@@ -91,6 +92,7 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     from flows import cli, report
     from pipeline import config
 
+    cli.arm_quick_exit()
     cli._runtime()
     cfg = config.load(None, sets)
     cfg = config.apply(cfg, overrides=[f"iterations={iterations}"])
@@ -104,7 +106,7 @@ def prefect_temp_child(run_dir: str, iterations: int, sets: list[str]) -> None:
     online(config.to_dict(cfg), str(run_dir))
     report.print_summary(run_dir)
     report.console.print(f"done in {time.perf_counter() - t0:.1f}s")
-    cli.quick_teardown()  # as `eqlen` does at exit
+    cli.quick_exit(0)  # as `eqlen` ends
 
 
 def probe_child() -> None:
