@@ -627,7 +627,17 @@ def _exit_without_teardown() -> None:
 
 def arm_quick_exit() -> None:
     """For a process's entry point: end without the teardown once `quick_exit(code)` has
-    been called (see `_exit_without_teardown`). Call before importing Prefect or torch."""
+    been called (see `_exit_without_teardown`). Call before importing Prefect or torch.
+
+    Not armed when another atexit handler is registered already (`coverage run`, a
+    sitecustomize): it would run after ours, that is never; nor with EQLEN_FULL_EXIT=1.
+    logging's own handler (registered when logging is imported) is allowed: ours calls
+    `logging.shutdown()` itself."""
+    if os.environ.get("EQLEN_FULL_EXIT", "").strip() not in ("", "0"):
+        return
+    ncallbacks = getattr(atexit, "_ncallbacks", None)  # CPython's count of registered handlers
+    if ncallbacks is None or ncallbacks() > ("logging" in sys.modules):
+        return
     atexit.register(_exit_without_teardown)
 
 
